@@ -1,0 +1,143 @@
+"""The contracts between the TLS engine and the crypto backends.
+
+The engine only knows these protocols. A backend supplies primitives (KEMs,
+classical key agreement, signers); ``hybrid.py`` composes them into the hybrid
+groups; a ``CryptoProvider`` is what a listener hands to the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class SharedSecret(bytes):
+    """Key-exchange output. A bytes subclass so it flows into HKDF untouched,
+    but its repr never shows the value."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<SharedSecret {len(self)} bytes>"
+
+    __str__ = __repr__
+
+
+class InvalidKeyShare(ValueError):
+    """The peer's share is malformed or fails the primitive's own checks
+    (wrong length, point not on the curve, ML-KEM modulus check, all-zero
+    X25519 output). The engine answers it with illegal_parameter."""
+
+
+class BackendError(RuntimeError):
+    """The backend itself failed (token removed, library error). The engine
+    answers it with internal_error; the operator sees the reason in the log."""
+
+
+@runtime_checkable
+class ClientKeyExchange(Protocol):
+    """The client half of a key exchange: a generated key pair waiting for the
+    server's share."""
+
+    @property
+    def share(self) -> bytes: ...
+
+    def complete(self, server_share: bytes) -> SharedSecret: ...
+
+
+@runtime_checkable
+class KxGroup(Protocol):
+    """One TLS key-exchange group (classical, a bare KEM, or a hybrid)."""
+
+    @property
+    def group(self) -> int:
+        """The NamedGroup code point."""
+        ...
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend doing the work, for metrics and logs."""
+        ...
+
+    @property
+    def client_share_length(self) -> int: ...
+
+    @property
+    def server_share_length(self) -> int: ...
+
+    def server_exchange(self, client_share: bytes) -> tuple[bytes, SharedSecret]:
+        """The server's one-shot operation: returns (server_share, secret).
+        Raises InvalidKeyShare for a bad client share."""
+        ...
+
+    def start(self) -> ClientKeyExchange:
+        """The client's operation: generate a key pair."""
+        ...
+
+
+@runtime_checkable
+class KemDecapsulator(Protocol):
+    @property
+    def encapsulation_key(self) -> bytes: ...
+
+    def decapsulate(self, ciphertext: bytes) -> SharedSecret: ...
+
+
+@runtime_checkable
+class Kem(Protocol):
+    """A KEM such as ML-KEM-768 (FIPS 203). Return orders are normalised here:
+    ``encapsulate`` returns (ciphertext, shared_secret) whatever the library does."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def encapsulation_key_length(self) -> int: ...
+
+    @property
+    def ciphertext_length(self) -> int: ...
+
+    def encapsulate(self, encapsulation_key: bytes) -> tuple[bytes, SharedSecret]: ...
+
+    def generate(self) -> KemDecapsulator: ...
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """A private key held by some backend. ``schemes`` lists the TLS
+    SignatureScheme code points it can produce, most preferred first."""
+
+    @property
+    def schemes(self) -> tuple[int, ...]: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    def sign(self, scheme: int, message: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True, repr=False)
+class CertifiedKey:
+    """A certificate chain (leaf first, DER, encoded once at start-up) and the
+    signer for the leaf's key."""
+
+    chain: tuple[bytes, ...]
+    signer: Signer
+    names: tuple[str, ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return f"<CertifiedKey names={list(self.names)} schemes={[hex(s) for s in self.signer.schemes]}>"
+
+
+class CryptoProvider(Protocol):
+    """What a listener hands to the engine: its key-exchange groups by code point."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def groups(self) -> Mapping[int, KxGroup]: ...

@@ -1,0 +1,751 @@
+"""The TLS listener: TCP in, the sans-IO engine in the middle, a raw TCP relay to the upstream.
+
+Rules this module keeps:
+
+- One ``_ClientConnection`` (an ``asyncio.Protocol``) per accepted socket owns the engine, the
+  upstream transport and every timer of that connection. Protocol callbacks rather than
+  streams: the engine wants ``bytes`` and the transport already hands us ``bytes``, so the
+  hot path makes no extra copies and no task switches.
+- After every ``receive_data`` / ``complete_*`` the engine's events are drained until ``None``
+  and ``data_to_send()`` is written, in that order, in one place (``_pump``).
+- Every wait has a deadline: handshake, idle, upstream connect, and the linger after a close
+  (a peer that never reads must not keep a closing socket alive).
+- Backpressure: each side's transport has ``write_high_water`` as its high-water mark; when a
+  side's write buffer goes above it, reading from the other side stops until it drains.
+- An exception in one connection is logged as one line and closes that connection; it never
+  reaches the loop's default handler as a traceback.
+- Exactly one summary (``ConnectionClosed``) per accepted socket reaches ``on_terminated``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from ..crypto.provider import CryptoProvider
+from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
+from ..tls.events import (
+    ApplicationData,
+    ConnectionTerminated,
+    Event,
+    HandshakeComplete,
+    KeyExchangeNeeded,
+    KeyUpdated,
+    PeerClosed,
+    SignatureNeeded,
+)
+from ..tls.server import ServerConfig, ServerConnection
+from .loop import ShutdownSignals
+
+logger = logging.getLogger(__name__)
+
+# A closing socket whose peer stops reading would otherwise hold its write buffer forever.
+CLOSE_LINGER = 5.0
+# Refusals under overload are logged at most this often, so a flood cannot flood the log too.
+REFUSAL_LOG_INTERVAL = 1.0
+# How long ``TLSListener.close`` waits for connections to finish their close_notify.
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class ListenerSettings:
+    host: str
+    port: int
+    server_config: ServerConfig
+    provider: CryptoProvider
+    upstream_host: str
+    upstream_port: int
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    upstream_connect_timeout: float = 5.0
+    max_connections: int = 10000
+    # Transports choose their own read size; this caps the bytes held for an upstream that is
+    # still connecting (the client is paused beyond it).
+    read_chunk: int = 65536
+    write_high_water: int = 1 << 20
+
+
+class CloseKind(StrEnum):
+    """Why a connection ended: a small fixed set, fit for a metrics label."""
+
+    CLOSED = "closed"
+    TLS_ALERT = "tls_alert"
+    PEER_EOF = "peer_eof"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    IDLE_TIMEOUT = "idle_timeout"
+    UPSTREAM_FAILED = "upstream_failed"
+    UPSTREAM_LOST = "upstream_lost"
+    OVER_CAPACITY = "over_capacity"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """Summary of one connection, handed to ``on_terminated`` exactly once."""
+
+    peer: str
+    kind: CloseKind
+    reason: str
+    alert: AlertDescription | None
+    alert_sent: bool
+    handshake_complete: bool
+    duration: float
+    bytes_from_client: int
+    bytes_to_client: int
+
+
+HandshakeHook = Callable[[HandshakeComplete, str], None]
+TerminatedHook = Callable[[ConnectionClosed], None]
+
+
+def enum_name(enum_cls: type[IntEnum], value: int | None) -> str:
+    """Enum member name for logs, a hex code point for values the enum lacks."""
+    if value is None:
+        return "-"
+    try:
+        return enum_cls(value).name
+    except ValueError:
+        return f"0x{value:04x}"
+
+
+def format_peer(peername: Any) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername) if peername else "?"
+
+
+class TLSListener:
+    """Accepts TCP connections, terminates TLS 1.3 with the pqproxy engine, relays to the
+    upstream. ``start()`` binds, ``port`` is the bound port, ``close()`` stops accepting and
+    closes every connection (close_notify where a handshake completed)."""
+
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        *,
+        on_handshake: HandshakeHook | None = None,
+        on_terminated: TerminatedHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_handshake = on_handshake
+        self.on_terminated = on_terminated
+        self._server: asyncio.Server | None = None
+        self._active: set[_ClientConnection] = set()
+        self._drained: asyncio.Event | None = None
+        self._refused_unlogged = 0
+        self._last_refusal_log = float("-inf")
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("listener already started")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ClientConnection(self, loop),
+            self.settings.host,
+            self.settings.port,
+            reuse_address=True,
+        )
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("listener not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._active)
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        if self._active:
+            self._drained = asyncio.Event()
+            for conn in list(self._active):
+                conn.shutdown()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except TimeoutError:
+                logger.warning(
+                    "shutdown: %d connections still open after %.1fs, aborting",
+                    len(self._active),
+                    grace,
+                )
+                for conn in list(self._active):
+                    conn.abort()
+        try:
+            await asyncio.wait_for(server.wait_closed(), grace)
+        except TimeoutError:
+            logger.warning("shutdown: listening socket not closed after %.1fs", grace)
+
+    # -- called by connections ---------------------------------------------------------------
+
+    def _admit(self, conn: _ClientConnection) -> bool:
+        if len(self._active) >= self.settings.max_connections or self._server is None:
+            return False
+        self._active.add(conn)
+        return True
+
+    def _log_refusal(self, loop: asyncio.AbstractEventLoop, peer: str) -> None:
+        now = loop.time()
+        self._refused_unlogged += 1
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            logger.warning(
+                "refused peer=%s: %d connections open (max_connections=%d); %d refused since "
+                "last report",
+                peer,
+                len(self._active),
+                self.settings.max_connections,
+                self._refused_unlogged,
+            )
+            self._refused_unlogged = 0
+            self._last_refusal_log = now
+
+    def _release(self, conn: _ClientConnection, summary: ConnectionClosed) -> None:
+        self._active.discard(conn)
+        if self._drained is not None and not self._active:
+            self._drained.set()
+        hook = self.on_terminated
+        if hook is not None:
+            try:
+                hook(summary)
+            except Exception as exc:
+                logger.error("on_terminated hook failed: %s: %s", type(exc).__name__, exc)
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One client socket, its engine and its upstream."""
+
+    def __init__(self, listener: TLSListener, loop: asyncio.AbstractEventLoop) -> None:
+        self._listener = listener
+        self._settings = listener.settings
+        self._loop = loop
+        # Created once the connection is admitted, so a refused flood costs no engine state.
+        self._tls: ServerConnection
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._started = loop.time()
+        self._last_activity = self._started
+        self._admitted = False
+        self._handshake_done = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_buffered = 0
+        self._upstream: asyncio.Transport | None = None
+        self._upstream_task: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._client_eof = False
+        self._upstream_eof_sent = False
+        self._client_write_paused = False
+        self._pause_reasons: set[str] = set()
+        self._closing = False
+        self._kind = CloseKind.PEER_EOF
+        self._reason = "client closed"
+        self._alert: AlertDescription | None = None
+        self._alert_sent = False
+        self._bytes_from_client = 0
+        self._bytes_to_client = 0
+
+    # -- asyncio.Protocol: client side ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = format_peer(transport.get_extra_info("peername"))
+        if not self._listener._admit(self):
+            self._closing = True
+            self._kind = CloseKind.OVER_CAPACITY
+            self._reason = "over capacity"
+            self._listener._log_refusal(self._loop, self._peer)
+            transport.close()
+            return
+        self._admitted = True
+        try:
+            self._tls = ServerConnection(
+                self._settings.server_config, self._settings.provider, os.urandom
+            )
+            transport.set_write_buffer_limits(high=self._settings.write_high_water)
+            self._handshake_timer = self._loop.call_later(
+                self._settings.handshake_timeout, self._on_handshake_timeout
+            )
+        except Exception as exc:
+            self._internal_error("connection_made", exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._last_activity = self._loop.time()
+            self._tls.receive_data(data)
+            self._pump()
+        except Exception as exc:
+            self._internal_error("data_received", exc)
+
+    def eof_received(self) -> bool:
+        if self._closing:
+            return True
+        try:
+            if self._client_eof:
+                # close_notify already half-closed TLS; the FIN adds nothing, and the
+                # socket must stay open for the rest of the upstream's answer.
+                return True
+            self._tls.receive_data(b"")
+            self._pump()
+            if not self._closing:
+                self._client_done_sending()
+        except Exception as exc:
+            self._internal_error("eof_received", exc)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            if not self._closing:
+                self._closing = True
+                self._kind = CloseKind.PEER_EOF
+                self._reason = f"client connection lost: {exc}" if exc else "client closed"
+                self._log_end(logging.INFO)
+            self._cancel_timers()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+                self._linger_timer = None
+            if self._upstream_task is not None and not self._upstream_task.done():
+                self._upstream_task.cancel()
+            if self._upstream is not None:
+                self._upstream.abort()
+        except Exception as exc2:
+            logger.error("peer=%s cleanup failed: %s: %s", self._peer, type(exc2).__name__, exc2)
+        finally:
+            summary = ConnectionClosed(
+                peer=self._peer,
+                kind=self._kind,
+                reason=self._reason,
+                alert=self._alert,
+                alert_sent=self._alert_sent,
+                handshake_complete=self._handshake_done,
+                duration=self._loop.time() - self._started,
+                bytes_from_client=self._bytes_from_client,
+                bytes_to_client=self._bytes_to_client,
+            )
+            if self._admitted:
+                self._listener._release(self, summary)
+            else:
+                hook = self._listener.on_terminated
+                if hook is not None:
+                    try:
+                        hook(summary)
+                    except Exception as exc3:
+                        logger.error("on_terminated hook failed: %s", exc3)
+
+    def pause_writing(self) -> None:
+        # The client is not keeping up: stop taking bytes from the upstream.
+        self._client_write_paused = True
+        if self._upstream is not None and not self._upstream.is_closing():
+            self._upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client_write_paused = False
+        if self._upstream is not None and not self._upstream.is_closing():
+            self._upstream.resume_reading()
+
+    # -- the engine --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        tls = self._tls
+        while not self._closing:
+            event = tls.next_event()
+            if event is None:
+                break
+            self._handle(event)
+        self._flush()
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, ApplicationData):
+            self._bytes_from_client += len(event.data)
+            self._to_upstream(event.data)
+        elif isinstance(event, KeyExchangeNeeded | SignatureNeeded):
+            self._resolve_crypto(event)
+        elif isinstance(event, HandshakeComplete):
+            self._on_handshake_complete(event)
+        elif isinstance(event, PeerClosed):
+            self._client_done_sending()
+        elif isinstance(event, ConnectionTerminated):
+            self._on_engine_terminated(event)
+        elif isinstance(event, KeyUpdated):
+            logger.debug("peer=%s key update (we_updated=%s)", self._peer, event.we_updated)
+
+    def _resolve_crypto(self, event: KeyExchangeNeeded | SignatureNeeded) -> None:
+        """Run the engine's crypto request and hand the result back. Inline for now: this is
+        the one seam where offload (a pool, a batch queue, a token) will make it async."""
+        tls = self._tls
+        if isinstance(event, KeyExchangeNeeded):
+            try:
+                server_share, secret = event.exchange.server_exchange(event.client_share)
+            except Exception as exc:
+                tls.fail_key_exchange(exc)
+            else:
+                tls.complete_key_exchange(server_share, secret)
+        else:
+            try:
+                signature = event.signer.sign(event.scheme, event.message)
+            except Exception as exc:
+                tls.fail_signature(exc)
+            else:
+                tls.complete_signature(signature)
+
+    def _flush(self) -> None:
+        data = self._tls.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+            self._bytes_to_client += len(data)
+
+    def _on_handshake_complete(self, event: HandshakeComplete) -> None:
+        self._handshake_done = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        elapsed_ms = (self._loop.time() - self._started) * 1000.0
+        logger.info(
+            "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s ms=%.1f",
+            self._peer,
+            event.server_name or "-",
+            enum_name(NamedGroup, event.group),
+            enum_name(CipherSuite, event.cipher_suite),
+            enum_name(SignatureScheme, event.signature_scheme),
+            event.alpn_protocol or "-",
+            "yes" if event.hello_retry else "no",
+            elapsed_ms,
+        )
+        hook = self._listener.on_handshake
+        if hook is not None:
+            try:
+                hook(event, self._peer)
+            except Exception as exc:
+                logger.error("on_handshake hook failed: %s: %s", type(exc).__name__, exc)
+        self._last_activity = self._loop.time()
+        self._idle_timer = self._loop.call_later(self._settings.idle_timeout, self._on_idle_check)
+        self._upstream_task = self._loop.create_task(self._connect_upstream())
+
+    def _on_engine_terminated(self, event: ConnectionTerminated) -> None:
+        self._alert = event.alert
+        self._alert_sent = event.sent
+        if event.alert is None:
+            kind = CloseKind.PEER_EOF
+        elif event.alert == AlertDescription.close_notify:
+            kind = CloseKind.CLOSED
+        else:
+            kind = CloseKind.TLS_ALERT
+        level = logging.INFO
+        if event.sent and event.alert == AlertDescription.internal_error:
+            level = logging.WARNING
+        # The alert (if any) is still in the engine's output: _finish flushes it first.
+        self._finish(kind, event.reason, level=level, close_notify=False)
+
+    # -- relay ---------------------------------------------------------------------------------
+
+    def _to_upstream(self, data: bytes) -> None:
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self._settings.read_chunk:
+            self._pause_client("upstream-connecting")
+
+    def _client_done_sending(self) -> None:
+        if self._client_eof:
+            return
+        self._client_eof = True
+        if not self._handshake_done:
+            self._finish(CloseKind.PEER_EOF, "client closed during handshake")
+            return
+        self._send_upstream_eof()
+
+    def _send_upstream_eof(self) -> None:
+        upstream = self._upstream
+        if upstream is None or self._upstream_eof_sent or upstream.is_closing():
+            return
+        if upstream.can_write_eof():
+            upstream.write_eof()
+            self._upstream_eof_sent = True
+
+    async def _connect_upstream(self) -> None:
+        host, port = self._settings.upstream_host, self._settings.upstream_port
+        timeout = self._settings.upstream_connect_timeout
+        try:
+            await asyncio.wait_for(
+                self._loop.create_connection(lambda: _UpstreamProtocol(self), host, port),
+                timeout,
+            )
+        except TimeoutError:
+            self._finish(
+                CloseKind.UPSTREAM_FAILED,
+                f"upstream {host}:{port} connect timed out after {timeout:g}s",
+                level=logging.WARNING,
+            )
+        except OSError as exc:
+            self._finish(
+                CloseKind.UPSTREAM_FAILED,
+                f"upstream {host}:{port} connect failed: {exc.strerror or exc}",
+                level=logging.WARNING,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._internal_error("upstream connect", exc)
+
+    def _upstream_made(self, protocol: _UpstreamProtocol, transport: asyncio.Transport) -> None:
+        if self._closing:
+            # The client went away (or we gave up) while the connect was in flight.
+            transport.abort()
+            return
+        self._upstream = transport
+        transport.set_write_buffer_limits(high=self._settings.write_high_water)
+        if self._client_write_paused:
+            transport.pause_reading()
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if pending:
+            transport.write(b"".join(pending))
+        self._resume_client("upstream-connecting")
+        if self._client_eof:
+            self._send_upstream_eof()
+
+    def _upstream_data(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last_activity = self._loop.time()
+        self._tls.send_data(data)
+        self._flush()
+
+    def _upstream_eof(self) -> None:
+        if self._closing:
+            return
+        self._finish(CloseKind.CLOSED, "upstream closed")
+
+    def _upstream_lost(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        if exc is None:
+            self._finish(CloseKind.CLOSED, "upstream closed")
+        else:
+            self._finish(
+                CloseKind.UPSTREAM_LOST,
+                f"upstream connection lost: {exc}",
+                level=logging.WARNING,
+            )
+
+    def _pause_client(self, reason: str) -> None:
+        if not self._pause_reasons and self._transport is not None:
+            if not self._transport.is_closing():
+                self._transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def _resume_client(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self._transport is not None:
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self._closing or self._handshake_done:
+            return
+        try:
+            self._finish(
+                CloseKind.HANDSHAKE_TIMEOUT,
+                f"handshake timeout after {self._settings.handshake_timeout:g}s",
+            )
+        except Exception as exc:
+            self._internal_error("handshake timeout", exc)
+
+    def _on_idle_check(self) -> None:
+        self._idle_timer = None
+        if self._closing:
+            return
+        idle = self._loop.time() - self._last_activity
+        remaining = self._settings.idle_timeout - idle
+        if remaining > 0:
+            # Re-arming on expiry instead of on every byte keeps the hot path free of timers.
+            self._idle_timer = self._loop.call_later(remaining, self._on_idle_check)
+            return
+        try:
+            self._finish(CloseKind.IDLE_TIMEOUT, f"idle for {self._settings.idle_timeout:g}s")
+        except Exception as exc:
+            self._internal_error("idle timeout", exc)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._handshake_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._idle_timer = None
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Listener shutdown: close_notify where established, then close."""
+        try:
+            self._finish(CloseKind.SHUTDOWN, "server shutting down")
+        except Exception as exc:
+            self._internal_error("shutdown", exc)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        if self._upstream is not None:
+            self._upstream.abort()
+
+    def _finish(
+        self, kind: CloseKind, reason: str, *, level: int = logging.INFO, close_notify: bool = True
+    ) -> None:
+        """Close both sides once: flush what the engine has (an alert, the close_notify), then
+        close the sockets with a bounded linger."""
+        if self._closing:
+            return
+        self._closing = True
+        self._kind = kind
+        self._reason = reason
+        self._cancel_timers()
+        if self._upstream_task is not None and not self._upstream_task.done():
+            self._upstream_task.cancel()
+        if close_notify and self._handshake_done and not self._tls.closed:
+            self._tls.close()
+            if self._alert is None:
+                self._alert = AlertDescription.close_notify
+                self._alert_sent = True
+        self._flush()
+        self._log_end(level)
+        if self._transport is not None:
+            self._transport.close()
+        if self._upstream is not None:
+            self._upstream.close()
+        self._linger_buffered = self._buffered()
+        self._linger_timer = self._loop.call_later(CLOSE_LINGER, self._linger_check)
+
+    def _buffered(self) -> int:
+        size = 0
+        for transport in (self._transport, self._upstream):
+            if transport is not None:
+                size += transport.get_write_buffer_size()
+        return size
+
+    def _linger_check(self) -> None:
+        """A closing socket may still be draining a large answer to a slow client: keep it
+        while the buffer shrinks, abort once an interval passes without progress."""
+        self._linger_timer = None
+        try:
+            size = self._buffered()
+            if 0 < size < self._linger_buffered:
+                self._linger_buffered = size
+                self._linger_timer = self._loop.call_later(CLOSE_LINGER, self._linger_check)
+                return
+            logger.info("peer=%s close did not drain in %gs, aborting", self._peer, CLOSE_LINGER)
+            self.abort()
+        except Exception as exc:
+            self._internal_error("linger", exc)
+
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        logger.error(
+            "peer=%s internal error in %s: %s: %s", self._peer, where, type(exc).__name__, exc
+        )
+        logger.debug("traceback for peer=%s", self._peer, exc_info=exc)
+        if not self._closing:
+            self._closing = True
+            self._kind = CloseKind.INTERNAL_ERROR
+            self._reason = f"{where}: {type(exc).__name__}: {exc}"
+            self._cancel_timers()
+        self.abort()
+
+    def _log_end(self, level: int) -> None:
+        alert = "-"
+        if self._alert is not None:
+            alert = f"{self._alert.name}({'sent' if self._alert_sent else 'received'})"
+        logger.log(
+            level,
+            "connection end peer=%s kind=%s alert=%s reason=%s in=%d out=%d ms=%.1f",
+            self._peer,
+            self._kind,
+            alert,
+            self._reason,
+            self._bytes_from_client,
+            self._bytes_to_client,
+            (self._loop.time() - self._started) * 1000.0,
+        )
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    """The upstream side of one connection: forwards everything to its owner."""
+
+    def __init__(self, owner: _ClientConnection) -> None:
+        self._owner = owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        try:
+            self._owner._upstream_made(self, transport)
+        except Exception as exc:
+            transport.abort()
+            self._owner._internal_error("upstream connection_made", exc)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._owner._upstream_data(data)
+        except Exception as exc:
+            self._owner._internal_error("upstream data", exc)
+
+    def eof_received(self) -> bool:
+        try:
+            self._owner._upstream_eof()
+        except Exception as exc:
+            self._owner._internal_error("upstream eof", exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._owner._upstream_lost(exc)
+        except Exception as exc2:
+            self._owner._internal_error("upstream connection_lost", exc2)
+
+    def pause_writing(self) -> None:
+        # The upstream is not keeping up: stop decrypting more from the client.
+        self._owner._pause_client("upstream-buffer")
+
+    def resume_writing(self) -> None:
+        self._owner._resume_client("upstream-buffer")
+
+
+async def serve(
+    settings: ListenerSettings,
+    *,
+    on_listening: Callable[[TLSListener], None] | None = None,
+    on_handshake: HandshakeHook | None = None,
+    on_terminated: TerminatedHook | None = None,
+) -> None:
+    """Listen until SIGTERM/SIGINT, then stop accepting and close every connection."""
+    listener = TLSListener(settings, on_handshake=on_handshake, on_terminated=on_terminated)
+    with ShutdownSignals() as signals:
+        await listener.start()
+        try:
+            if on_listening is not None:
+                on_listening(listener)
+            sig = await signals.wait()
+            logger.info(
+                "received %s: closing %d connections", sig.name, listener.active_connections
+            )
+        finally:
+            await listener.close()

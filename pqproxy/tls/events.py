@@ -1,0 +1,87 @@
+"""Events that ServerConnection hands out through ``next_event()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..crypto.provider import KxGroup, Signer
+from .enums import AlertDescription
+
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True, repr=False)
+class KeyExchangeNeeded(Event):
+    """Run ``exchange.server_exchange(client_share)`` anywhere (inline, on a
+    pool, on a token) and hand the result to ``complete_key_exchange``; pass an
+    exception to ``fail_key_exchange`` instead."""
+
+    group: int
+    client_share: bytes
+    exchange: KxGroup
+
+    def __repr__(self) -> str:
+        return f"KeyExchangeNeeded(group=0x{self.group:04x}, share={len(self.client_share)} bytes)"
+
+
+@dataclass(frozen=True, repr=False)
+class SignatureNeeded(Event):
+    """Sign ``message`` with ``signer`` under ``scheme`` and hand the signature
+    to ``complete_signature`` (or an exception to ``fail_signature``)."""
+
+    scheme: int
+    message: bytes
+    signer: Signer
+
+    def __repr__(self) -> str:
+        return f"SignatureNeeded(scheme=0x{self.scheme:04x}, message={len(self.message)} bytes)"
+
+
+@dataclass(frozen=True)
+class HandshakeComplete(Event):
+    """The client's Finished verified. Everything a log line or an upstream
+    header needs about how the client connected."""
+
+    group: int
+    cipher_suite: int
+    signature_scheme: int
+    alpn_protocol: str | None
+    server_name: str | None
+    hello_retry: bool
+    offered_groups: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True, repr=False)
+class ApplicationData(Event):
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"ApplicationData({len(self.data)} bytes)"
+
+
+@dataclass(frozen=True)
+class KeyUpdated(Event):
+    """The client rotated its sending key (and ``we_updated``: we rotated ours in answer)."""
+
+    update_requested: bool
+    we_updated: bool
+
+
+@dataclass(frozen=True)
+class PeerClosed(Event):
+    """The client sent close_notify: no more data will come from it. The
+    connection may still send (TLS 1.3 close is a half-close, RFC 8446 §6.1)."""
+
+
+@dataclass(frozen=True)
+class ConnectionTerminated(Event):
+    """The connection is closed for good. ``alert`` is the alert sent
+    (``sent=True``) or received (``sent=False``), or None for a bare EOF.
+    ``reason`` is for logs only."""
+
+    alert: AlertDescription | None
+    sent: bool
+    reason: str

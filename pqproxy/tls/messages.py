@@ -1,0 +1,263 @@
+"""Handshake messages and extensions (RFC 8446 §4): parsers for what the
+client sends, encoders for what the server sends.
+
+Parsers raise TLSAlert subclasses only. Extension bodies must be consumed
+exactly. Unknown and GREASE extensions, groups and schemes are kept as plain
+integers and ignored by the selection logic (RFC 8701).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .alerts import DecodeError, IllegalParameter
+from .codec import Buffer, pull_uint16_list, u16, u24, uint16_list, vec8, vec16, vec24
+from .enums import ExtensionType, HandshakeType
+
+# RFC 8446 §4.1.3: the special ServerHello.random that marks a HelloRetryRequest.
+HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex(
+    "CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C"
+)
+
+# RFC 8446 §4.4.3: the context string and prefix of the CertificateVerify input.
+_CERTIFICATE_VERIFY_PREFIX = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
+
+
+@dataclass(frozen=True, repr=False)
+class ClientHello:
+    random: bytes
+    legacy_session_id: bytes
+    cipher_suites: tuple[int, ...]
+    extension_types: tuple[int, ...]
+    server_name: str | None = None
+    supported_versions: tuple[int, ...] | None = None
+    supported_groups: tuple[int, ...] | None = None
+    key_shares: tuple[tuple[int, bytes], ...] | None = None
+    signature_algorithms: tuple[int, ...] | None = None
+    signature_algorithms_cert: tuple[int, ...] | None = None
+    alpn_protocols: tuple[bytes, ...] | None = None
+    psk_key_exchange_modes: tuple[int, ...] | None = None
+    cookie: bytes | None = None
+    record_size_limit: int | None = None
+    pre_shared_key: bool = False
+    early_data: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientHello(sni={self.server_name!r}, suites={self.cipher_suites}, "
+            f"groups={self.supported_groups}, shares={[g for g, _ in self.key_shares or ()]})"
+        )
+
+
+def _pull_server_name(data: bytes) -> str | None:
+    # RFC 6066 §3: a list of (name_type, name); only host_name (0) is defined,
+    # and at most one name of each type may appear.
+    buf = Buffer(data)
+    block = Buffer(buf.pull_vector(2, minimum=1))
+    buf.expect_end("server_name")
+    host: str | None = None
+    seen: set[int] = set()
+    while not block.eof():
+        name_type = block.pull_uint8()
+        name = block.pull_vector(2, minimum=1)
+        if name_type in seen:
+            raise IllegalParameter("duplicate server_name type")
+        seen.add(name_type)
+        if name_type == 0:
+            try:
+                host = name.decode("ascii").lower()
+            except UnicodeDecodeError:
+                raise DecodeError("server_name is not ASCII") from None
+    return host
+
+
+def _pull_key_shares(data: bytes) -> tuple[tuple[int, bytes], ...]:
+    buf = Buffer(data)
+    block = Buffer(buf.pull_vector(2))
+    buf.expect_end("key_share")
+    shares: list[tuple[int, bytes]] = []
+    groups: set[int] = set()
+    while not block.eof():
+        group = block.pull_uint16()
+        share = block.pull_vector(2, minimum=1)
+        # RFC 8446 §4.2.8: clients MUST NOT offer two shares for one group.
+        if group in groups:
+            raise IllegalParameter(f"two key shares for group 0x{group:04x}")
+        groups.add(group)
+        shares.append((group, share))
+    return tuple(shares)
+
+
+def _pull_alpn(data: bytes) -> tuple[bytes, ...]:
+    buf = Buffer(data)
+    names = buf.pull_list(2, lambda b: b.pull_vector(1, minimum=1), minimum=2)
+    buf.expect_end("application_layer_protocol_negotiation")
+    return tuple(names)
+
+
+def _inner_vector(data: bytes, length_size: int, what: str, minimum: int = 0) -> bytes:
+    buf = Buffer(data)
+    inner = buf.pull_vector(length_size, minimum)
+    buf.expect_end(what)
+    return inner
+
+
+def pull_client_hello(body: bytes) -> ClientHello:
+    """Parse a ClientHello body (without the 4-byte handshake header)."""
+    buf = Buffer(body)
+    buf.pull_uint16()  # legacy_version: RFC 8446 §4.2.1 says supported_versions decides.
+    random = buf.pull_bytes(32)
+    session_id = buf.pull_vector(1, maximum=32)
+    suites = pull_uint16_list(buf.pull_vector(2, minimum=2), "cipher_suites")
+    compression = buf.pull_vector(1, minimum=1)
+    # RFC 8446 §4.1.2: a TLS 1.3 ClientHello carries exactly one "null" method.
+    if compression != b"\x00":
+        raise IllegalParameter("legacy_compression_methods is not [null]")
+    fields: dict[str, object] = {}
+    types: list[int] = []
+    if not buf.eof():
+        ext_block = Buffer(buf.pull_vector(2))
+        buf.expect_end("ClientHello")
+        while not ext_block.eof():
+            ext_type = ext_block.pull_uint16()
+            ext_data = ext_block.pull_vector(2)
+            # RFC 8446 §4.2: no extension type may appear twice.
+            if ext_type in types:
+                raise IllegalParameter(f"duplicate extension {ext_type}")
+            # RFC 8446 §4.2.11: pre_shared_key MUST be the last extension.
+            if types and types[-1] == ExtensionType.PRE_SHARED_KEY:
+                raise IllegalParameter("pre_shared_key is not the last extension")
+            types.append(ext_type)
+            _parse_extension(ext_type, ext_data, fields)
+    return ClientHello(
+        random=random,
+        legacy_session_id=session_id,
+        cipher_suites=suites,
+        extension_types=tuple(types),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _parse_extension(ext_type: int, data: bytes, fields: dict[str, object]) -> None:
+    if ext_type == ExtensionType.SERVER_NAME:
+        # An empty server_name is only valid in a server's answer.
+        fields["server_name"] = _pull_server_name(data)
+    elif ext_type == ExtensionType.SUPPORTED_VERSIONS:
+        fields["supported_versions"] = pull_uint16_list(
+            _inner_vector(data, 1, "supported_versions", minimum=2), "supported_versions"
+        )
+    elif ext_type == ExtensionType.SUPPORTED_GROUPS:
+        fields["supported_groups"] = pull_uint16_list(
+            _inner_vector(data, 2, "supported_groups", minimum=2), "supported_groups"
+        )
+    elif ext_type == ExtensionType.KEY_SHARE:
+        fields["key_shares"] = _pull_key_shares(data)
+    elif ext_type == ExtensionType.SIGNATURE_ALGORITHMS:
+        fields["signature_algorithms"] = pull_uint16_list(
+            _inner_vector(data, 2, "signature_algorithms", minimum=2), "signature_algorithms"
+        )
+    elif ext_type == ExtensionType.SIGNATURE_ALGORITHMS_CERT:
+        fields["signature_algorithms_cert"] = pull_uint16_list(
+            _inner_vector(data, 2, "signature_algorithms_cert", minimum=2),
+            "signature_algorithms_cert",
+        )
+    elif ext_type == ExtensionType.ALPN:
+        fields["alpn_protocols"] = _pull_alpn(data)
+    elif ext_type == ExtensionType.PSK_KEY_EXCHANGE_MODES:
+        fields["psk_key_exchange_modes"] = tuple(
+            _inner_vector(data, 1, "psk_key_exchange_modes", minimum=1)
+        )
+    elif ext_type == ExtensionType.COOKIE:
+        fields["cookie"] = _inner_vector(data, 2, "cookie", minimum=1)
+    elif ext_type == ExtensionType.RECORD_SIZE_LIMIT:
+        buf = Buffer(data)
+        limit = buf.pull_uint16()
+        buf.expect_end("record_size_limit")
+        # RFC 8449 §4: a value below 64 is an illegal_parameter.
+        if limit < 64:
+            raise IllegalParameter(f"record_size_limit {limit} < 64")
+        fields["record_size_limit"] = limit
+    elif ext_type == ExtensionType.PRE_SHARED_KEY:
+        fields["pre_shared_key"] = True
+    elif ext_type == ExtensionType.EARLY_DATA:
+        if data:
+            raise DecodeError("early_data in ClientHello must be empty")
+        fields["early_data"] = True
+    # padding, GREASE and unknown extensions are ignored (RFC 8446 §4.2, RFC 8701).
+
+
+# --- encoders -----------------------------------------------------------------
+
+
+def handshake_message(msg_type: int, body: bytes) -> bytes:
+    return bytes((msg_type,)) + u24(len(body)) + body
+
+
+def extension(ext_type: int, data: bytes) -> bytes:
+    return u16(ext_type) + vec16(data)
+
+
+def encode_server_hello(
+    random: bytes,
+    session_id: bytes,
+    cipher_suite: int,
+    group: int,
+    server_share: bytes | None,
+) -> bytes:
+    """ServerHello, or a HelloRetryRequest when ``server_share`` is None (RFC 8446 §4.1.3-4)."""
+    if server_share is None:
+        key_share = extension(ExtensionType.KEY_SHARE, u16(group))
+    else:
+        key_share = extension(ExtensionType.KEY_SHARE, u16(group) + vec16(server_share))
+    extensions = key_share + extension(ExtensionType.SUPPORTED_VERSIONS, b"\x03\x04")
+    body = b"".join(
+        (b"\x03\x03", random, vec8(session_id), u16(cipher_suite), b"\x00", vec16(extensions))
+    )
+    return handshake_message(HandshakeType.SERVER_HELLO, body)
+
+
+def encode_encrypted_extensions(
+    advertised_groups: tuple[int, ...] | None,
+    record_size_limit: int | None,
+    acknowledge_server_name: bool,
+    alpn_protocol: bytes | None,
+) -> bytes:
+    parts: list[bytes] = []
+    if advertised_groups:
+        parts.append(
+            extension(ExtensionType.SUPPORTED_GROUPS, vec16(uint16_list(advertised_groups)))
+        )
+    if record_size_limit is not None:
+        parts.append(extension(ExtensionType.RECORD_SIZE_LIMIT, u16(record_size_limit)))
+    if acknowledge_server_name:
+        # RFC 6066 §3: the server's server_name extension is empty.
+        parts.append(extension(ExtensionType.SERVER_NAME, b""))
+    if alpn_protocol is not None:
+        parts.append(extension(ExtensionType.ALPN, vec16(vec8(alpn_protocol))))
+    return handshake_message(HandshakeType.ENCRYPTED_EXTENSIONS, vec16(b"".join(parts)))
+
+
+def encode_certificate(chain: tuple[bytes, ...], request_context: bytes = b"") -> bytes:
+    entries = b"".join(vec24(cert) + b"\x00\x00" for cert in chain)
+    return handshake_message(HandshakeType.CERTIFICATE, vec8(request_context) + vec24(entries))
+
+
+def certificate_verify_input(transcript_hash: bytes) -> bytes:
+    return _CERTIFICATE_VERIFY_PREFIX + transcript_hash
+
+
+def encode_certificate_verify(scheme: int, signature: bytes) -> bytes:
+    return handshake_message(HandshakeType.CERTIFICATE_VERIFY, u16(scheme) + vec16(signature))
+
+
+def encode_finished(verify_data: bytes) -> bytes:
+    return handshake_message(HandshakeType.FINISHED, verify_data)
+
+
+def encode_key_update(update_requested: bool) -> bytes:
+    return handshake_message(HandshakeType.KEY_UPDATE, b"\x01" if update_requested else b"\x00")
+
+
+def message_hash(hash_name_digest: bytes) -> bytes:
+    """The synthetic message_hash message that replaces ClientHello1 after an HRR."""
+    return handshake_message(HandshakeType.MESSAGE_HASH, hash_name_digest)

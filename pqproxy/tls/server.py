@@ -1,0 +1,822 @@
+"""The TLS 1.3 server state machine (RFC 8446), sans-IO.
+
+Bytes go in through ``receive_data``, events come out of ``next_event`` and
+bytes to write out of ``data_to_send``. The engine owns no socket, clock or
+global randomness. Expensive crypto is an event (KeyExchangeNeeded,
+SignatureNeeded) that the caller resolves wherever it likes and hands back.
+
+The flight follows RFC 8446 §2:
+
+    ClientHello  -->  [HelloRetryRequest --> ClientHello]
+                 <--  ServerHello, {EncryptedExtensions, Certificate,
+                      CertificateVerify, Finished}
+    {Finished}   -->
+    [Application Data] <-> [Application Data]
+
+Every TLSAlert raised anywhere below is turned into wire bytes in ``_fail``,
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum, auto
+from typing import Any
+
+from ..crypto.provider import BackendError, CertifiedKey, CryptoProvider, InvalidKeyShare
+from . import alerts
+from .enums import (
+    HYBRID_GROUPS,
+    TLS13_VERSION,
+    AlertDescription,
+    AlertLevel,
+    CipherSuite,
+    ContentType,
+    HandshakeType,
+    NamedGroup,
+)
+from .events import (
+    ApplicationData,
+    ConnectionTerminated,
+    Event,
+    HandshakeComplete,
+    KeyExchangeNeeded,
+    KeyUpdated,
+    PeerClosed,
+    SignatureNeeded,
+)
+from .key_schedule import SUITES, KeySchedule, SuiteParams, next_traffic_secret
+from .messages import (
+    HELLO_RETRY_REQUEST_RANDOM,
+    ClientHello,
+    certificate_verify_input,
+    encode_certificate,
+    encode_certificate_verify,
+    encode_encrypted_extensions,
+    encode_finished,
+    encode_key_update,
+    encode_server_hello,
+    handshake_message,
+    pull_client_hello,
+)
+from .record import (
+    MAX_PLAINTEXT,
+    RecordProtection,
+    RecordReader,
+    encode_plaintext_records,
+    encode_protected_records,
+)
+
+# --- limits, each with its reason ---------------------------------------------
+
+# A ClientHello with several PQ key shares is a few KiB; 64 KiB leaves room for
+# large PSK identities or padding without letting a client make us buffer more.
+MAX_CLIENT_HELLO = 1 << 16
+# Client Finished and KeyUpdate are tiny; client certificates (a later issue)
+# with ML-DSA chains stay well below this.
+MAX_HANDSHAKE_MESSAGE = 1 << 16
+# A real client completes its handshake in a handful of records; this bounds the
+# work a peer can cause with CCS or fragment spam before it has authenticated.
+MAX_RECORDS_BEFORE_HANDSHAKE_DONE = 1024
+# RFC 8446 §4.2.10: rejected 0-RTT data is skipped up to a bound of our choosing.
+MAX_SKIPPED_EARLY_DATA = 1 << 16
+# While crypto is being computed the client has nothing legitimate to send but a
+# CCS; cap what we hold for it.
+MAX_BUFFERED_WHILE_WAITING = 1 << 16
+# RFC 8446 §5.5: AES-GCM is safe for about 2^24.5 full records per key; rotate
+# our sending key well before that.
+KEY_UPDATE_AFTER_RECORDS = 1 << 23
+# Records are processed as soon as they are fed, so the reader holds one partial
+# record plus one transport read; transports hand over at most a few hundred KiB.
+MAX_RECEIVE_BUFFER = 1 << 20
+# RFC 8449: TLS 1.3 counts the inner content type, so the largest limit is 2^14 + 1.
+OUR_RECORD_SIZE_LIMIT = MAX_PLAINTEXT + 1
+
+DEFAULT_GROUPS: tuple[int, ...] = (
+    NamedGroup.X25519MLKEM768,
+    NamedGroup.x25519,
+    NamedGroup.SecP256r1MLKEM768,
+    NamedGroup.secp256r1,
+    NamedGroup.SecP384r1MLKEM1024,
+    NamedGroup.secp384r1,
+)
+DEFAULT_CIPHER_SUITES: tuple[int, ...] = (
+    CipherSuite.TLS_AES_128_GCM_SHA256,
+    CipherSuite.TLS_AES_256_GCM_SHA384,
+    CipherSuite.TLS_CHACHA20_POLY1305_SHA256,
+)
+
+
+class PqPolicy(StrEnum):
+    """How a listener treats hybrid post-quantum groups.
+
+    prefer:  the server's order decides; a missing share for the chosen group
+             costs an HRR.
+    require: only hybrid groups; a client with none is refused.
+    off:     hybrid groups are never negotiated (a classical baseline).
+    """
+
+    PREFER = "prefer"
+    REQUIRE = "require"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    certificates: tuple[CertifiedKey, ...]
+    groups: tuple[int, ...] = DEFAULT_GROUPS
+    pq_policy: PqPolicy = PqPolicy.PREFER
+    cipher_suites: tuple[int, ...] = DEFAULT_CIPHER_SUITES
+    alpn_protocols: tuple[str, ...] = ()
+    # RFC 8446 §4.2.7: a server may tell the client its groups so the client
+    # can send the right share (e.g. the hybrid) next time. None: not sent.
+    advertised_groups: tuple[int, ...] | None = None
+    _certificate_messages: dict[int, bytes] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _alpn_bytes: tuple[bytes, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        if not self.certificates:
+            raise ValueError("a server needs at least one certificate")
+        if not self.groups:
+            raise ValueError("a server needs at least one key-exchange group")
+        for suite in self.cipher_suites:
+            if suite not in SUITES:
+                raise ValueError(f"unsupported cipher suite 0x{suite:04x}")
+        # The Certificate message never changes per handshake: encode it once.
+        for index, certified in enumerate(self.certificates):
+            self._certificate_messages[index] = encode_certificate(certified.chain)
+        object.__setattr__(
+            self, "_alpn_bytes", tuple(p.encode("ascii") for p in self.alpn_protocols)
+        )
+
+    def groups_for_policy(self) -> tuple[int, ...]:
+        if self.pq_policy is PqPolicy.REQUIRE:
+            return tuple(g for g in self.groups if g in HYBRID_GROUPS)
+        if self.pq_policy is PqPolicy.OFF:
+            return tuple(g for g in self.groups if g not in HYBRID_GROUPS)
+        return self.groups
+
+
+class _State(Enum):
+    EXPECT_CLIENT_HELLO = auto()
+    WAIT_KEY_EXCHANGE = auto()
+    EXPECT_SECOND_CLIENT_HELLO = auto()
+    WAIT_SIGNATURE = auto()
+    EXPECT_FINISHED = auto()
+    CONNECTED = auto()
+    CLOSED = auto()
+
+
+def _matches(names: tuple[str, ...], server_name: str) -> bool:
+    for name in names:
+        if name == server_name:
+            return True
+        if name.startswith("*.") and "." in server_name:
+            if server_name.split(".", 1)[1] == name[2:]:
+                return True
+    return False
+
+
+class ServerConnection:
+    def __init__(
+        self,
+        config: ServerConfig,
+        provider: CryptoProvider,
+        random_bytes: Callable[[int], bytes],
+    ) -> None:
+        self._config = config
+        self._provider = provider
+        self._random_bytes = random_bytes
+        self._state = _State.EXPECT_CLIENT_HELLO
+        self._reader = RecordReader(MAX_RECEIVE_BUFFER)
+        self._events: deque[Event] = deque()
+        self._out = bytearray()
+        self._hs_buffer = bytearray()
+        self._read: RecordProtection | None = None
+        self._write: RecordProtection | None = None
+        self._read_secret = b""
+        self._write_secret = b""
+        self._records_before_done = 0
+        self._skip_early_data = False
+        self._skipped_early_bytes = 0
+        self._sent_ccs = False
+        self._peer_closed = False
+        self._sent_close = False
+        self._max_fragment = MAX_PLAINTEXT
+        # Negotiated parameters.
+        self._params: SuiteParams | None = None
+        self._transcript: Any = None
+        self._schedule: KeySchedule | None = None
+        self._client_hello: ClientHello | None = None
+        self._hrr_group: int | None = None
+        self._group: int | None = None
+        self._certified_index = 0
+        self._scheme = 0
+        self._alpn: bytes | None = None
+        self._client_hs_secret = b""
+        self._client_app_secret = b""
+        self._expected_client_finished = b""
+        self._pending_flight = b""
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection state={self._state.name}>"
+
+    # --- public API -----------------------------------------------------------
+
+    @property
+    def handshake_complete(self) -> bool:
+        return self._state is _State.CONNECTED
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def group(self) -> int | None:
+        return self._group
+
+    @property
+    def cipher_suite(self) -> int | None:
+        return self._params.suite if self._params else None
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        return self._alpn.decode("ascii") if self._alpn is not None else None
+
+    @property
+    def server_name(self) -> str | None:
+        return self._client_hello.server_name if self._client_hello else None
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket; ``b""`` means the peer closed the transport."""
+        if self._state is _State.CLOSED:
+            return
+        if not data:
+            self._state = _State.CLOSED
+            reason = "peer closed the connection" if self._peer_closed else "eof before close_notify"
+            self._events.append(ConnectionTerminated(None, sent=False, reason=reason))
+            return
+        try:
+            self._reader.feed(data)
+            self._process_records()
+        except alerts.TLSAlert as alert:
+            self._fail(alert)
+
+    def next_event(self) -> Event | None:
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if isinstance(event, ApplicationData) and self._events:
+            # Hand consecutive records out as one chunk: fewer writes upstream.
+            chunks = [event.data]
+            while self._events and isinstance(self._events[0], ApplicationData):
+                chunks.append(self._events.popleft().data)  # type: ignore[union-attr]
+            if len(chunks) > 1:
+                return ApplicationData(b"".join(chunks))
+        return event
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def complete_key_exchange(self, server_share: bytes, shared_secret: bytes) -> None:
+        if self._state is not _State.WAIT_KEY_EXCHANGE:
+            if self._state is _State.CLOSED:
+                return
+            raise RuntimeError("no key exchange is pending")
+        try:
+            self._send_server_flight(server_share, shared_secret)
+        except alerts.TLSAlert as alert:
+            self._fail(alert)
+
+    def fail_key_exchange(self, error: BaseException) -> None:
+        if self._state is _State.CLOSED:
+            return
+        if isinstance(error, InvalidKeyShare):
+            self._fail(alerts.IllegalParameter(f"invalid key share: {error}"))
+        else:
+            self._fail(alerts.InternalError(f"key exchange failed: {_describe(error)}"))
+
+    def complete_signature(self, signature: bytes) -> None:
+        if self._state is not _State.WAIT_SIGNATURE:
+            if self._state is _State.CLOSED:
+                return
+            raise RuntimeError("no signature is pending")
+        try:
+            self._finish_server_flight(signature)
+            self._process_records()
+        except alerts.TLSAlert as alert:
+            self._fail(alert)
+
+    def fail_signature(self, error: BaseException) -> None:
+        if self._state is not _State.CLOSED:
+            self._fail(alerts.InternalError(f"signing failed: {_describe(error)}"))
+
+    def send_data(self, data: bytes) -> None:
+        if self._state is not _State.CONNECTED or self._sent_close:
+            raise RuntimeError("cannot send application data now")
+        self._seal(ContentType.APPLICATION_DATA, data)
+
+    def update_keys(self, request_peer_update: bool = False) -> None:
+        """Send a KeyUpdate (RFC 8446 §4.6.3) and rotate our sending key."""
+        if self._state is not _State.CONNECTED or self._sent_close:
+            raise RuntimeError("cannot update keys now")
+        self._send_key_update(request_peer_update)
+
+    def close(self) -> None:
+        """Send close_notify. The connection may still receive until the peer closes."""
+        if self._state is _State.CLOSED or self._sent_close:
+            return
+        self._sent_close = True
+        self._send_alert(AlertDescription.close_notify, AlertLevel.WARNING)
+        if self._peer_closed or self._state is not _State.CONNECTED:
+            self._state = _State.CLOSED
+            self._events.append(ConnectionTerminated(None, sent=True, reason="closed"))
+
+    # --- records --------------------------------------------------------------
+
+    def _process_records(self) -> None:
+        while self._state is not _State.CLOSED:
+            if self._state in (_State.WAIT_KEY_EXCHANGE, _State.WAIT_SIGNATURE):
+                # Leave input buffered until the crypto result is back.
+                if self._reader.pending > MAX_BUFFERED_WHILE_WAITING:
+                    raise alerts.UnexpectedMessage("peer sent too much data during handshake")
+                return
+            record = self._reader.next_record()
+            if record is None:
+                return
+            content_type, _version, payload = record
+            if self._state is not _State.CONNECTED:
+                self._records_before_done += 1
+                if self._records_before_done > MAX_RECORDS_BEFORE_HANDSHAKE_DONE:
+                    raise alerts.UnexpectedMessage("too many records before handshake completion")
+            if content_type == ContentType.CHANGE_CIPHER_SPEC:
+                self._receive_change_cipher_spec(payload)
+                continue
+            if self._read is None:
+                if content_type == ContentType.APPLICATION_DATA and self._skip_early_data:
+                    self._skip_early_record(len(payload))
+                    continue
+                if content_type == ContentType.APPLICATION_DATA:
+                    raise alerts.UnexpectedMessage("encrypted record before keys were agreed")
+                self._dispatch(content_type, payload)
+                continue
+            if content_type == ContentType.ALERT and self._state is _State.EXPECT_FINISHED:
+                # A client that could not process our ServerHello answers in
+                # plaintext; accept it so the operator sees the real reason.
+                self._dispatch(content_type, payload)
+                continue
+            if content_type != ContentType.APPLICATION_DATA:
+                raise alerts.UnexpectedMessage(f"plaintext record of type {content_type}")
+            try:
+                inner_type, plaintext = self._read.open(
+                    _header(content_type, len(payload)), payload
+                )
+            except alerts.BadRecordMac:
+                if self._skip_early_data:
+                    self._skip_early_record(len(payload))
+                    continue
+                raise
+            self._skip_early_data = False
+            self._dispatch(inner_type, plaintext)
+
+    def _skip_early_record(self, length: int) -> None:
+        self._skipped_early_bytes += length
+        if self._skipped_early_bytes > MAX_SKIPPED_EARLY_DATA:
+            raise alerts.UnexpectedMessage("too much rejected early data")
+
+    def _receive_change_cipher_spec(self, payload: bytes) -> None:
+        # RFC 8446 §5: a single 0x01 between the first ClientHello and the
+        # client's Finished is dropped; anything else is unexpected_message.
+        if payload != b"\x01":
+            raise alerts.UnexpectedMessage("malformed change_cipher_spec")
+        if self._state in (_State.EXPECT_CLIENT_HELLO, _State.CONNECTED):
+            raise alerts.UnexpectedMessage("change_cipher_spec outside the handshake")
+
+    def _dispatch(self, content_type: int, payload: bytes) -> None:
+        if content_type == ContentType.HANDSHAKE:
+            if not payload:
+                raise alerts.UnexpectedMessage("empty handshake record")
+            self._receive_handshake_bytes(payload)
+        elif content_type == ContentType.APPLICATION_DATA:
+            if self._state is not _State.CONNECTED:
+                raise alerts.UnexpectedMessage("application data before the handshake finished")
+            if self._hs_buffer:
+                raise alerts.UnexpectedMessage("application data inside a handshake message")
+            if payload and not self._peer_closed:
+                self._events.append(ApplicationData(payload))
+        elif content_type == ContentType.ALERT:
+            self._receive_alert(payload)
+        else:
+            raise alerts.UnexpectedMessage(f"unexpected content type {content_type}")
+
+    def _receive_alert(self, payload: bytes) -> None:
+        if len(payload) != 2:
+            raise alerts.DecodeError("alert record is not two bytes")
+        description = payload[1]
+        if self._hs_buffer:
+            raise alerts.UnexpectedMessage("alert inside a handshake message")
+        if description == AlertDescription.close_notify:
+            if self._state is not _State.CONNECTED:
+                self._terminated_by_peer(AlertDescription.close_notify, "close_notify mid-handshake")
+                return
+            self._peer_closed = True
+            self._events.append(PeerClosed())
+            if self._sent_close:
+                self._state = _State.CLOSED
+                self._events.append(ConnectionTerminated(None, sent=False, reason="closed"))
+            return
+        if description == AlertDescription.user_canceled:
+            return  # RFC 8446 §6.1: followed by close_notify.
+        try:
+            alert = AlertDescription(description)
+        except ValueError:
+            alert = AlertDescription.internal_error
+        self._terminated_by_peer(alert, f"peer sent alert {description}")
+
+    def _terminated_by_peer(self, alert: AlertDescription, reason: str) -> None:
+        self._state = _State.CLOSED
+        self._events.append(ConnectionTerminated(alert, sent=False, reason=reason))
+
+    def _receive_handshake_bytes(self, payload: bytes) -> None:
+        buffer = self._hs_buffer
+        buffer += payload
+        while len(buffer) >= 4 and self._state is not _State.CLOSED:
+            length = int.from_bytes(buffer[1:4], "big")
+            limit = (
+                MAX_CLIENT_HELLO
+                if self._state in (_State.EXPECT_CLIENT_HELLO, _State.EXPECT_SECOND_CLIENT_HELLO)
+                else MAX_HANDSHAKE_MESSAGE
+            )
+            if length > limit:
+                raise alerts.IllegalParameter(f"handshake message of {length} bytes")
+            if len(buffer) < 4 + length:
+                return
+            message = bytes(buffer[: 4 + length])
+            del buffer[: 4 + length]
+            self._handle_handshake(message[0], message)
+            if self._state in (_State.WAIT_KEY_EXCHANGE, _State.WAIT_SIGNATURE) and buffer:
+                # RFC 8446 §5.1: a message before a key change must end its record.
+                raise alerts.UnexpectedMessage("data after ClientHello in the same record")
+
+    def _handle_handshake(self, msg_type: int, message: bytes) -> None:
+        state = self._state
+        if state is _State.EXPECT_CLIENT_HELLO and msg_type == HandshakeType.CLIENT_HELLO:
+            self._receive_client_hello(message)
+        elif state is _State.EXPECT_SECOND_CLIENT_HELLO and msg_type == HandshakeType.CLIENT_HELLO:
+            self._receive_client_hello(message)
+        elif state is _State.EXPECT_FINISHED and msg_type == HandshakeType.FINISHED:
+            self._receive_finished(message)
+        elif state is _State.CONNECTED and msg_type == HandshakeType.KEY_UPDATE:
+            self._receive_key_update(message)
+        else:
+            name = _handshake_name(msg_type)
+            raise alerts.UnexpectedMessage(f"{name} in state {state.name}")
+
+    # --- ClientHello ----------------------------------------------------------
+
+    def _receive_client_hello(self, message: bytes) -> None:
+        hello = pull_client_hello(message[4:])
+        first = self._client_hello is None
+        # RFC 8446 §4.2.1: without supported_versions the client is TLS 1.2 or older.
+        if hello.supported_versions is None or TLS13_VERSION not in hello.supported_versions:
+            raise alerts.ProtocolVersion("client does not offer TLS 1.3")
+        if hello.signature_algorithms is None:
+            raise alerts.MissingExtension("no signature_algorithms")  # §9.2
+        if hello.supported_groups is None or hello.key_shares is None:
+            raise alerts.MissingExtension("no supported_groups/key_share")  # §9.2
+        if hello.pre_shared_key and hello.psk_key_exchange_modes is None:
+            raise alerts.MissingExtension("pre_shared_key without psk_key_exchange_modes")
+        offered = set(hello.supported_groups)
+        for share_group, _share in hello.key_shares:
+            # §4.2.8: every share must be for an offered group.
+            if share_group not in offered:
+                raise alerts.IllegalParameter(f"key share for unoffered group 0x{share_group:04x}")
+
+        if first:
+            params = self._choose_cipher_suite(hello)
+            self._params = params
+            self._transcript = hashlib.new(params.hash_name)
+            self._transcript.update(message)
+            self._skip_early_data = hello.early_data
+            self._choose_certificate(hello)
+            self._alpn = self._choose_alpn(hello)
+            if hello.record_size_limit is not None:
+                self._max_fragment = min(MAX_PLAINTEXT, hello.record_size_limit - 1)
+            group, share = self._choose_group(hello)
+            self._client_hello = hello
+            if share is None:
+                self._send_hello_retry_request(hello, group, message)
+                return
+        else:
+            group, share = self._check_second_client_hello(hello)
+            self._transcript.update(message)
+            self._client_hello = hello
+        self._start_key_exchange(group, share)
+
+    def _choose_cipher_suite(self, hello: ClientHello) -> SuiteParams:
+        offered = set(hello.cipher_suites)
+        for suite in self._config.cipher_suites:
+            if suite in offered:
+                return SUITES[suite]
+        raise alerts.HandshakeFailure("no shared cipher suite")
+
+    def _choose_group(self, hello: ClientHello) -> tuple[int, bytes | None]:
+        assert hello.supported_groups is not None and hello.key_shares is not None
+        offered = set(hello.supported_groups)
+        available = self._provider.groups
+        candidates = [
+            g for g in self._config.groups_for_policy() if g in offered and g in available
+        ]
+        if not candidates:
+            if self._config.pq_policy is PqPolicy.REQUIRE:
+                raise alerts.HandshakeFailure("client offers no hybrid group (pq_policy: require)")
+            raise alerts.HandshakeFailure("no shared key-exchange group")
+        chosen = candidates[0]
+        for share_group, share in hello.key_shares:
+            if share_group == chosen:
+                return chosen, share
+        return chosen, None
+
+    def _choose_certificate(self, hello: ClientHello) -> None:
+        assert hello.signature_algorithms is not None
+        client_schemes = set(hello.signature_algorithms)
+        certificates = self._config.certificates
+        order = list(range(len(certificates)))
+        if hello.server_name is not None:
+            named = [i for i in order if _matches(certificates[i].names, hello.server_name)]
+            order = named + [i for i in order if i not in named]
+        for index in order:
+            for scheme in certificates[index].signer.schemes:
+                if scheme in client_schemes:
+                    self._certified_index = index
+                    self._scheme = scheme
+                    return
+        raise alerts.HandshakeFailure("no certificate for the client's signature_algorithms")
+
+    def _choose_alpn(self, hello: ClientHello) -> bytes | None:
+        ours = self._config._alpn_bytes
+        if hello.alpn_protocols is None or not ours:
+            return None
+        theirs = set(hello.alpn_protocols)
+        for protocol in ours:
+            if protocol in theirs:
+                return protocol
+        raise alerts.NoApplicationProtocol("no common application protocol")  # RFC 7301 §3.2
+
+    def _send_hello_retry_request(self, hello: ClientHello, group: int, ch1: bytes) -> None:
+        assert self._params is not None
+        # RFC 8446 §4.4.1: the transcript restarts with a hash of ClientHello1.
+        digest = self._transcript.digest()
+        self._transcript = hashlib.new(self._params.hash_name)
+        self._transcript.update(handshake_message(HandshakeType.MESSAGE_HASH, digest))
+        hrr = encode_server_hello(
+            HELLO_RETRY_REQUEST_RANDOM, hello.legacy_session_id, self._params.suite, group, None
+        )
+        self._transcript.update(hrr)
+        self._hrr_group = group
+        self._out += encode_plaintext_records(ContentType.HANDSHAKE, hrr)
+        self._send_compat_ccs(hello)
+        self._state = _State.EXPECT_SECOND_CLIENT_HELLO
+
+    def _check_second_client_hello(self, hello: ClientHello) -> tuple[int, bytes]:
+        first = self._client_hello
+        assert first is not None and self._params is not None and self._hrr_group is not None
+        assert hello.key_shares is not None
+        # RFC 8446 §4.1.2: the second ClientHello repeats the first, but for the
+        # key share the server asked for.
+        if hello.legacy_session_id != first.legacy_session_id:
+            raise alerts.IllegalParameter("legacy_session_id changed after HRR")
+        if hello.cipher_suites != first.cipher_suites:
+            raise alerts.IllegalParameter("cipher_suites changed after HRR")
+        if hello.early_data:
+            raise alerts.IllegalParameter("early_data after HRR")  # §4.2.10
+        if len(hello.key_shares) != 1 or hello.key_shares[0][0] != self._hrr_group:
+            raise alerts.IllegalParameter("second ClientHello lacks the requested key share")
+        self._skip_early_data = False
+        return self._hrr_group, hello.key_shares[0][1]
+
+    def _send_compat_ccs(self, hello: ClientHello) -> None:
+        # RFC 8446 §D.4: middlebox compatibility mode is signalled by a
+        # non-empty legacy_session_id; answer with one CCS after our first message.
+        if hello.legacy_session_id and not self._sent_ccs:
+            self._sent_ccs = True
+            self._out += b"\x14\x03\x03\x00\x01\x01"
+
+    def _start_key_exchange(self, group: int, share: bytes) -> None:
+        exchange = self._provider.groups[group]
+        if len(share) != exchange.client_share_length:
+            raise alerts.IllegalParameter(
+                f"key share for 0x{group:04x} is {len(share)} bytes, "
+                f"expected {exchange.client_share_length}"
+            )
+        self._group = group
+        self._state = _State.WAIT_KEY_EXCHANGE
+        self._events.append(KeyExchangeNeeded(group, share, exchange))
+
+    # --- server flight --------------------------------------------------------
+
+    def _send_server_flight(self, server_share: bytes, shared_secret: bytes) -> None:
+        params, hello, group = self._params, self._client_hello, self._group
+        assert params is not None and hello is not None and group is not None
+        if len(server_share) != self._provider.groups[group].server_share_length:
+            raise alerts.InternalError("backend returned a server share of the wrong length")
+        server_hello = encode_server_hello(
+            self._random_bytes(32), hello.legacy_session_id, params.suite, group, server_share
+        )
+        transcript = self._transcript
+        transcript.update(server_hello)
+        schedule = KeySchedule(params)
+        self._schedule = schedule
+        client_hs, server_hs = schedule.handshake_secrets(shared_secret, transcript.digest())
+        self._out += encode_plaintext_records(ContentType.HANDSHAKE, server_hello)
+        self._send_compat_ccs(hello)
+        self._write = RecordProtection(params, server_hs)
+        self._read = RecordProtection(params, client_hs)
+        self._client_hs_secret = client_hs
+        self._write_secret = server_hs
+
+        certified = self._config.certificates[self._certified_index]
+        encrypted_extensions = encode_encrypted_extensions(
+            self._config.advertised_groups,
+            OUR_RECORD_SIZE_LIMIT if hello.record_size_limit is not None else None,
+            hello.server_name is not None,
+            self._alpn,
+        )
+        certificate = self._config._certificate_messages[self._certified_index]
+        transcript.update(encrypted_extensions)
+        transcript.update(certificate)
+        self._pending_flight = encrypted_extensions + certificate
+        self._state = _State.WAIT_SIGNATURE
+        self._events.append(
+            SignatureNeeded(
+                self._scheme, certificate_verify_input(transcript.digest()), certified.signer
+            )
+        )
+
+    def _finish_server_flight(self, signature: bytes) -> None:
+        params, schedule = self._params, self._schedule
+        assert params is not None and schedule is not None and self._write is not None
+        transcript = self._transcript
+        certificate_verify = encode_certificate_verify(self._scheme, signature)
+        transcript.update(certificate_verify)
+        finished = encode_finished(
+            schedule.finished_verify_data(self._write_secret, transcript.digest())
+        )
+        transcript.update(finished)
+        flight = self._pending_flight + certificate_verify + finished
+        self._pending_flight = b""
+        self._out += encode_protected_records(
+            self._write, ContentType.HANDSHAKE, flight, self._max_fragment
+        )
+        server_finished_hash = transcript.digest()
+        client_app, server_app = schedule.application_secrets(server_finished_hash)
+        self._expected_client_finished = schedule.finished_verify_data(
+            self._client_hs_secret, server_finished_hash
+        )
+        self._client_app_secret = client_app
+        self._write = RecordProtection(params, server_app)
+        self._write_secret = server_app
+        self._state = _State.EXPECT_FINISHED
+
+    def _receive_finished(self, message: bytes) -> None:
+        params, hello = self._params, self._client_hello
+        assert params is not None and hello is not None and self._group is not None
+        verify_data = message[4:]
+        if len(verify_data) != params.hash_len:
+            raise alerts.DecodeError("Finished of the wrong length")
+        if not hmac.compare_digest(verify_data, self._expected_client_finished):
+            raise alerts.DecryptError("client Finished does not verify")  # §4.4.4
+        if self._hs_buffer:
+            raise alerts.UnexpectedMessage("data after Finished in the same record")
+        self._transcript.update(message)
+        self._read = RecordProtection(params, self._client_app_secret)
+        self._read_secret = self._client_app_secret
+        self._client_app_secret = b""
+        self._client_hs_secret = b""
+        self._state = _State.CONNECTED
+        self._events.append(
+            HandshakeComplete(
+                group=self._group,
+                cipher_suite=params.suite,
+                signature_scheme=self._scheme,
+                alpn_protocol=self.alpn_protocol,
+                server_name=hello.server_name,
+                hello_retry=self._hrr_group is not None,
+                offered_groups=hello.supported_groups or (),
+            )
+        )
+
+    # --- post-handshake -------------------------------------------------------
+
+    def _receive_key_update(self, message: bytes) -> None:
+        params = self._params
+        assert params is not None
+        body = message[4:]
+        if len(body) != 1:
+            raise alerts.DecodeError("KeyUpdate of the wrong length")
+        if body[0] not in (0, 1):
+            raise alerts.IllegalParameter("KeyUpdate request_update out of range")  # §4.6.3
+        if self._hs_buffer:
+            raise alerts.UnexpectedMessage("data after KeyUpdate in the same record")
+        self._read_secret = next_traffic_secret(params, self._read_secret)
+        self._read = RecordProtection(params, self._read_secret)
+        requested = body[0] == 1
+        answered = requested and not self._sent_close
+        if answered:
+            self._send_key_update(False)
+        self._events.append(KeyUpdated(update_requested=requested, we_updated=answered))
+
+    def _send_key_update(self, request_peer_update: bool) -> None:
+        params, write = self._params, self._write
+        assert params is not None and write is not None
+        self._out += write.seal(ContentType.HANDSHAKE, encode_key_update(request_peer_update))
+        self._write_secret = next_traffic_secret(params, self._write_secret)
+        self._write = RecordProtection(params, self._write_secret)
+
+    def _seal(self, content_type: int, data: bytes) -> None:
+        write = self._write
+        assert write is not None
+        if write.seq >= KEY_UPDATE_AFTER_RECORDS:
+            self._send_key_update(False)
+            write = self._write
+            assert write is not None
+        self._out += encode_protected_records(write, content_type, data, self._max_fragment)
+
+    # --- alerts ---------------------------------------------------------------
+
+    def _send_alert(self, description: AlertDescription, level: AlertLevel) -> None:
+        payload = bytes((level, description))
+        if self._write is not None:
+            self._out += self._write.seal(ContentType.ALERT, payload)
+        else:
+            self._out += encode_plaintext_records(ContentType.ALERT, payload)
+
+    def _fail(self, alert: alerts.TLSAlert) -> None:
+        """The one place an alert becomes wire bytes and the connection closes."""
+        if self._state is _State.CLOSED:
+            return
+        self._send_alert(alert.description, AlertLevel.FATAL)
+        self._state = _State.CLOSED
+        self._events.append(ConnectionTerminated(alert.description, sent=True, reason=alert.reason))
+
+
+def _header(content_type: int, length: int) -> bytes:
+    return bytes((content_type, 3, 3)) + length.to_bytes(2, "big")
+
+
+def _handshake_name(msg_type: int) -> str:
+    try:
+        return HandshakeType(msg_type).name
+    except ValueError:
+        return f"handshake type {msg_type}"
+
+
+def _describe(error: BaseException) -> str:
+    # Library messages go to the log only, never on the wire; keep them short.
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def resolve_inline(connection: ServerConnection) -> list[Event]:
+    """Drain events, resolving key exchanges and signatures on the spot; return the rest.
+
+    For callers that do not care where crypto runs (tests, simple tools)."""
+    others: list[Event] = []
+    while True:
+        event = connection.next_event()
+        if event is None:
+            return others
+        if isinstance(event, KeyExchangeNeeded):
+            try:
+                share, secret = event.exchange.server_exchange(event.client_share)
+            except (InvalidKeyShare, BackendError, ValueError) as error:
+                connection.fail_key_exchange(error)
+            else:
+                connection.complete_key_exchange(share, secret)
+        elif isinstance(event, SignatureNeeded):
+            try:
+                signature = event.signer.sign(event.scheme, event.message)
+            except (BackendError, ValueError) as error:
+                connection.fail_signature(error)
+            else:
+                connection.complete_signature(signature)
+        else:
+            others.append(event)
+
+
+__all__ = [
+    "DEFAULT_CIPHER_SUITES",
+    "DEFAULT_GROUPS",
+    "PqPolicy",
+    "ServerConfig",
+    "ServerConnection",
+    "resolve_inline",
+]
