@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, cast
 
 from ..crypto.provider import CryptoProvider
 from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
@@ -234,8 +235,9 @@ class _ClientConnection(asyncio.Protocol):
         self._tls: ServerConnection
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
-        self._started = loop.time()
-        self._last_activity = self._started
+        # Durations from the monotonic clock: uvloop's loop.time() only has millisecond steps.
+        self._started = time.monotonic()
+        self._last_activity = loop.time()
         self._admitted = False
         self._handshake_done = False
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -260,19 +262,20 @@ class _ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol: client side ------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without subclassing it.
+        transport = cast(asyncio.Transport, base)
         self._transport = transport
-        self._peer = format_peer(transport.get_extra_info("peername"))
-        if not self._listener._admit(self):
-            self._closing = True
-            self._kind = CloseKind.OVER_CAPACITY
-            self._reason = "over capacity"
-            self._listener._log_refusal(self._loop, self._peer)
-            transport.close()
-            return
-        self._admitted = True
         try:
+            self._peer = format_peer(transport.get_extra_info("peername"))
+            if not self._listener._admit(self):
+                self._closing = True
+                self._kind = CloseKind.OVER_CAPACITY
+                self._reason = "over capacity"
+                self._listener._log_refusal(self._loop, self._peer)
+                transport.close()
+                return
+            self._admitted = True
             self._tls = ServerConnection(
                 self._settings.server_config, self._settings.provider, os.urandom
             )
@@ -334,7 +337,7 @@ class _ClientConnection(asyncio.Protocol):
                 alert=self._alert,
                 alert_sent=self._alert_sent,
                 handshake_complete=self._handshake_done,
-                duration=self._loop.time() - self._started,
+                duration=time.monotonic() - self._started,
                 bytes_from_client=self._bytes_from_client,
                 bytes_to_client=self._bytes_to_client,
             )
@@ -415,7 +418,7 @@ class _ClientConnection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        elapsed_ms = (self._loop.time() - self._started) * 1000.0
+        elapsed_ms = (time.monotonic() - self._started) * 1000.0
         logger.info(
             "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s ms=%.1f",
             self._peer,
@@ -443,7 +446,8 @@ class _ClientConnection(asyncio.Protocol):
         if event.alert is None:
             kind = CloseKind.PEER_EOF
         elif event.alert == AlertDescription.close_notify:
-            kind = CloseKind.CLOSED
+            # close_notify mid-handshake is a client giving up, not a finished exchange.
+            kind = CloseKind.CLOSED if self._handshake_done else CloseKind.PEER_EOF
         else:
             kind = CloseKind.TLS_ALERT
         level = logging.INFO
@@ -684,7 +688,7 @@ class _ClientConnection(asyncio.Protocol):
             self._reason,
             self._bytes_from_client,
             self._bytes_to_client,
-            (self._loop.time() - self._started) * 1000.0,
+            (time.monotonic() - self._started) * 1000.0,
         )
 
 
@@ -694,8 +698,8 @@ class _UpstreamProtocol(asyncio.Protocol):
     def __init__(self, owner: _ClientConnection) -> None:
         self._owner = owner
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)
         try:
             self._owner._upstream_made(self, transport)
         except Exception as exc:

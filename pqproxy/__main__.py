@@ -1,0 +1,5 @@
+"""``python -m pqproxy``."""
+
+from .cli import main
+
+raise SystemExit(main())
