@@ -84,6 +84,7 @@ demo: $(STAMP)
 	@echo
 	@echo "  Try it:"
 	@echo "    curl --cacert $(DEMO_CERTS)/ca.pem https://$(DEMO_LISTEN)/v1/models"
+	@echo "  (Debian 12's curl is built on OpenSSL 3.0, which has no ML-KEM: the log shows group=x25519)"
 	@echo
 	@echo "  See the negotiated group (post-quantum: X25519MLKEM768):"
 	@echo "    - pqproxy logs one line per handshake naming it, 'handshake ok peer=... group=X25519MLKEM768 cipher=...'"
