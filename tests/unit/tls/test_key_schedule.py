@@ -114,7 +114,8 @@ def test_hrr_message_hash_layout(hash_name: str) -> None:
     ch1 = b"\x01\x00\x00\x04abcd"
     digest = hashlib.new(hash_name, ch1).digest()
     message = hrr_message_hash(hash_name, ch1)
-    assert message[0] == HandshakeType.MESSAGE_HASH == 254
+    assert message[0] == 254  # RFC 8446 §4.4.1: message_hash
+    assert message[0] == HandshakeType.MESSAGE_HASH
     assert int.from_bytes(message[1:4], "big") == len(digest) == len(message) - 4
     assert message[4:] == digest
 
