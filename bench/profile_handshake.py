@@ -37,6 +37,7 @@ def one_handshake(
 ) -> tuple[float, float]:
     """Returns (server CPU seconds, server wall seconds) for one full handshake."""
     client = memory_client(ctx)
+    server = ServerConnection(config, provider, os.urandom)
     server_cpu = 0.0
     server_wall = 0.0
     done = False
@@ -49,7 +50,6 @@ def one_handshake(
         if not data:
             break
         c0, w0 = time.process_time(), time.perf_counter()
-        server = server if "server" in locals() else ServerConnection(config, provider, os.urandom)
         server.receive_data(data)
         events = resolve_inline(server)
         out = server.data_to_send()

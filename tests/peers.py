@@ -54,12 +54,12 @@ def client_context(
         ctx.load_verify_locations(str(ca))
         ctx.set_verify(SSL.VERIFY_PEER, lambda *args: bool(args[-1]))
     if groups is not None:
-        if _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:  # type: ignore[attr-defined]
+        if _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
             raise ValueError(f"OpenSSL rejected group list {groups!r}")
     if ciphersuites is not None:
         ctx.set_tls13_ciphersuites(ciphersuites.encode())
     if sigalgs is not None:
-        if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, sigalgs.encode()) != 1:  # type: ignore[attr-defined]
+        if _lib.SSL_CTX_set1_sigalgs_list(ctx._context, sigalgs.encode()) != 1:
             raise ValueError(f"OpenSSL rejected sigalgs {sigalgs!r}")
     if alpn is not None:
         ctx.set_alpn_protos(alpn)

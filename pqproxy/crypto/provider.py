@@ -130,7 +130,8 @@ class CertifiedKey:
     names: tuple[str, ...] = field(default=())
 
     def __repr__(self) -> str:
-        return f"<CertifiedKey names={list(self.names)} schemes={[hex(s) for s in self.signer.schemes]}>"
+        schemes = [hex(s) for s in self.signer.schemes]
+        return f"<CertifiedKey names={list(self.names)} schemes={schemes}>"
 
 
 class CryptoProvider(Protocol):

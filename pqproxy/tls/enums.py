@@ -1,4 +1,7 @@
-"""IANA code points used by the engine (RFC 8446 §4, §6; draft-ietf-tls-ecdhe-mlkem; draft-ietf-tls-mldsa)."""
+"""IANA code points used by the engine.
+
+RFC 8446 §4 and §6, draft-ietf-tls-ecdhe-mlkem, draft-ietf-tls-mldsa.
+"""
 
 from __future__ import annotations
 

@@ -259,7 +259,9 @@ class ServerConnection:
             return
         if not data:
             self._state = _State.CLOSED
-            reason = "peer closed the connection" if self._peer_closed else "eof before close_notify"
+            reason = (
+                "peer closed the connection" if self._peer_closed else "eof before close_notify"
+            )
             self._events.append(ConnectionTerminated(None, sent=False, reason=reason))
             return
         try:
@@ -275,8 +277,9 @@ class ServerConnection:
         if isinstance(event, ApplicationData) and self._events:
             # Hand consecutive records out as one chunk: fewer writes upstream.
             chunks = [event.data]
-            while self._events and isinstance(self._events[0], ApplicationData):
-                chunks.append(self._events.popleft().data)  # type: ignore[union-attr]
+            while self._events and isinstance(following := self._events[0], ApplicationData):
+                self._events.popleft()
+                chunks.append(following.data)
             if len(chunks) > 1:
                 return ApplicationData(b"".join(chunks))
         return event
@@ -425,7 +428,9 @@ class ServerConnection:
             raise alerts.UnexpectedMessage("alert inside a handshake message")
         if description == AlertDescription.close_notify:
             if self._state is not _State.CONNECTED:
-                self._terminated_by_peer(AlertDescription.close_notify, "close_notify mid-handshake")
+                self._terminated_by_peer(
+                    AlertDescription.close_notify, "close_notify mid-handshake"
+                )
                 return
             self._peer_closed = True
             self._events.append(PeerClosed())

@@ -41,8 +41,14 @@ socket.on('end', () => {
     body,
   }));
 });
-socket.on('error', (err) => { console.log(JSON.stringify({ error: err.message })); process.exit(1); });
-setTimeout(() => { console.log(JSON.stringify({ error: 'timeout' })); process.exit(2); }, 15000).unref();
+socket.on('error', (err) => {
+  console.log(JSON.stringify({ error: err.message }));
+  process.exit(1);
+});
+setTimeout(() => {
+  console.log(JSON.stringify({ error: 'timeout' }));
+  process.exit(2);
+}, 15000).unref();
 """
 
 

@@ -161,13 +161,17 @@ def test_two_messages_across_key_change(config: ServerConfig) -> None:
     assert_alert(config, A.unexpected_message, record(22, payload))
 
 
-def test_wrong_finished_is_decrypt_error(config: ServerConfig, dev_certs_factory: Callable[[str], object]) -> None:
+def test_wrong_finished_is_decrypt_error(
+    config: ServerConfig, dev_certs_factory: Callable[[str], object]
+) -> None:
     """A well-formed, correctly encrypted client Finished with wrong verify_data."""
     certs = dev_certs_factory("ecdsa-p256")
     secrets: dict[str, bytes] = {}
     ctx = client_context(certs.ca)  # type: ignore[attr-defined]
     ctx.set_keylog_callback(
-        lambda _conn, line: secrets.__setitem__(line.split()[0].decode(), bytes.fromhex(line.split()[2].decode()))
+        lambda _conn, line: secrets.__setitem__(
+            line.split()[0].decode(), bytes.fromhex(line.split()[2].decode())
+        )
     )
     client = memory_client(ctx)
     server = ServerConnection(config, PROVIDER, os.urandom)

@@ -498,3 +498,58 @@ async def test_listener_close_sends_close_notify(
     with pytest.raises(OSError):
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
     await close_writer(writer)
+
+
+def test_relay_on_uvloop(certified: CertifiedKey, client_ctx: ssl.SSLContext) -> None:
+    """pqproxy serves on uvloop, whose transports differ from asyncio's (they are not
+    asyncio.Transport subclasses, their clock has 1 ms steps): the relay, backpressure, a
+    half-close and a bad client, on uvloop itself."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+        upstream = Upstream()
+        await upstream.start()
+        closed: asyncio.Queue[ConnectionClosed] = asyncio.Queue()
+        listener = TLSListener(
+            ListenerSettings(
+                host="127.0.0.1",
+                port=0,
+                server_config=ServerConfig(certificates=(certified,)),
+                provider=PROVIDER,
+                upstream_host="127.0.0.1",
+                upstream_port=upstream.port,
+                write_high_water=16 * 1024,
+            ),
+            on_terminated=closed.put_nowait,
+        )
+        await listener.start()
+        try:
+            reader, writer = await tls_connect(listener.port, client_ctx)
+            payload = bytes(range(256)) * 4096  # 1 MiB
+            writer.write(payload)
+            echoed = await asyncio.wait_for(reader.readexactly(len(payload)), WAIT)
+            assert echoed == payload
+            await close_writer(writer)
+            assert (await asyncio.wait_for(closed.get(), WAIT)).handshake_complete
+
+            client = await BioClient.connect(listener.port, client_ctx)
+            await client.send(b"bye")
+            await client.send_close_notify()
+            assert await client.read_until_close_notify() == b"bye"
+            client.close()
+            assert (await asyncio.wait_for(closed.get(), WAIT)).kind is CloseKind.CLOSED
+
+            raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            raw_writer.write(b"\x16\x03\x01\x00\x05hello")
+            assert (await read_to_eof(raw_reader))[:1] == b"\x15"
+            raw_writer.close()
+            assert (await asyncio.wait_for(closed.get(), WAIT)).kind is CloseKind.TLS_ALERT
+        finally:
+            await listener.close()
+            await upstream.close()
+        assert errors == []
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())

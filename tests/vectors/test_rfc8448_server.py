@@ -68,7 +68,9 @@ def _int(value: bytes) -> int:
 
 
 def _rsa_key(v: dict[str, bytes]) -> rsa.RSAPrivateKey:
-    public = rsa.RSAPublicNumbers(_int(v["server_rsa_public_exponent"]), _int(v["server_rsa_modulus"]))
+    public = rsa.RSAPublicNumbers(
+        _int(v["server_rsa_public_exponent"]), _int(v["server_rsa_modulus"])
+    )
     return rsa.RSAPrivateNumbers(
         p=_int(v["server_rsa_prime1"]),
         q=_int(v["server_rsa_prime2"]),
@@ -86,12 +88,12 @@ def _certificate_der(message: bytes) -> bytes:
     return message[11 : 11 + length]
 
 
-def _trace_server() -> tuple[ServerConnection, dict[str, bytes], rsa.RSAPrivateKey]:
+def _trace_server(
+    server_random: bytes | None = None,
+) -> tuple[ServerConnection, dict[str, bytes], rsa.RSAPrivateKey]:
     v = load_simple_1rtt()
     key = _rsa_key(v)
-    certified = CertifiedKey(
-        chain=(_certificate_der(v["certificate"]),), signer=TraceSigner()
-    )
+    certified = CertifiedKey(chain=(_certificate_der(v["certificate"]),), signer=TraceSigner())
     ee = v["encrypted_extensions"]
     # The trace's server (NSS) tells the client its groups in EncryptedExtensions;
     # take that list from the trace as data.
@@ -101,7 +103,7 @@ def _trace_server() -> tuple[ServerConnection, dict[str, bytes], rsa.RSAPrivateK
     config = ServerConfig(
         certificates=(certified,), groups=(NamedGroup.x25519,), advertised_groups=advertised
     )
-    randoms = iter([v["server_random"]])
+    randoms = iter([server_random or v["server_random"]])
     server = ServerConnection(
         config, TraceProvider(v["server_x25519_private"]), lambda n: next(randoms)
     )
@@ -162,8 +164,7 @@ def test_signature_input_is_bound_to_the_transcript() -> None:
     """A different server random changes the transcript, so the trace's
     signature must no longer verify over the engine's input."""
     v = load_simple_1rtt()
-    server, _, key = _trace_server()
-    server._random_bytes = lambda n: bytes(n)  # type: ignore[method-assign]
+    server, _, key = _trace_server(server_random=bytes(32))
     server.receive_data(v["client_hello_record"])
     event = server.next_event()
     assert isinstance(event, KeyExchangeNeeded)

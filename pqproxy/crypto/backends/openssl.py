@@ -317,177 +317,6 @@ class _MlKemDecapsulator:
         return f"<MlKemDecapsulator {self._name}>"
 
 
-# --- Groups and provider ------------------------------------------------------------------
-
-
-@functools.cache
-def classical_groups() -> Mapping[str, KxGroup]:
-    """The classical groups keyed by NamedGroup name; shared, stateless instances
-    (each holds its cached curve object)."""
-    groups: dict[str, KxGroup] = {
-        "x25519": X25519Group(),
-        "secp256r1": EcdhGroup(NamedGroup.secp256r1, ec.SECP256R1()),
-        "secp384r1": EcdhGroup(NamedGroup.secp384r1, ec.SECP384R1()),
-        "secp521r1": EcdhGroup(NamedGroup.secp521r1, ec.SECP521R1()),
-    }
-    return MappingProxyType(groups)
-
-
-@functools.cache
-def kems() -> Mapping[str, Kem]:
-    """The ML-KEM parameter sets this build of OpenSSL has, keyed by name."""
-    if unavailable_reason() is not None:
-        return MappingProxyType({})
-    found: dict[str, Kem] = {
-        "ML-KEM-768": MlKem(
-            "ML-KEM-768",
-            mlkem.MLKEM768PublicKey.from_public_bytes,
-            mlkem.MLKEM768PrivateKey.generate,
-            1184,
-            1088,
-        ),
-        "ML-KEM-1024": MlKem(
-            "ML-KEM-1024",
-            mlkem.MLKEM1024PublicKey.from_public_bytes,
-            mlkem.MLKEM1024PrivateKey.generate,
-            1568,
-            1568,
-        ),
-    }
-    return MappingProxyType(found)
-
-
-class OpenSSLProvider:
-    """All groups on cryptography: the three hybrids, then the classical ones."""
-
-    __slots__ = ("_groups",)
-
-    def __init__(self) -> None:
-        reason = unavailable_reason()
-        if reason is not None:
-            raise BackendError(f"openssl backend unavailable: {reason}")
-        self._groups: Mapping[int, KxGroup] = MappingProxyType(
-            compose_groups(kems(), classical_groups())
-        )
-
-    @property
-    def name(self) -> str:
-        return NAME
-
-    @property
-    def groups(self) -> Mapping[int, KxGroup]:
-        return self._groups
-
-    def __repr__(self) -> str:
-        return f"<OpenSSLProvider groups={len(self._groups)}>"
-
-
-def create_provider() -> OpenSSLProvider:
-    """The provider a listener gets when its configuration names this backend."""
-    return OpenSSLProvider()
-
-
-@functools.cache
-def unavailable_reason() -> str | None:
-    """Why this backend cannot serve hybrid groups, or None if it can. The
-    probe generates one key of each ML-KEM size: the only reliable way to know
-    the bundled OpenSSL has the algorithm enabled."""
-    try:
-        mlkem.MLKEM768PrivateKey.generate()
-        mlkem.MLKEM1024PrivateKey.generate()
-    except UnsupportedAlgorithm:
-        return f"ML-KEM is not supported by {_openssl_version()}"
-    return None
-
-
-def is_available() -> bool:
-    return unavailable_reason() is None
-
-
-@functools.cache
-def _mldsa_supported() -> bool:
-    try:
-        mldsa.MLDSA44PrivateKey.generate()
-    except UnsupportedAlgorithm:
-        return False
-    return True
-
-
-def _openssl_version() -> str:
-    from cryptography.hazmat.backends.openssl.backend import backend
-
-    return str(backend.openssl_version_text())
-
-
-def capabilities() -> dict[str, list[str]]:
-    """What this build can do, for the start-up report and ``pqproxy backends``."""
-    groups = compose_groups(kems(), classical_groups())
-    schemes = [s for s in SignatureScheme if s in _SIGNING_SCHEMES]
-    if not _mldsa_supported():
-        schemes = [s for s in schemes if s not in _MLDSA_SCHEMES]
-    return {
-        "library": [f"cryptography {cryptography.__version__}", _openssl_version()],
-        "groups": [group_name(g) for g in groups],
-        "kems": list(kems()),
-        "signature_schemes": [s.name for s in schemes],
-    }
-
-
-# RFC 7748 §6.1: Alice's private key, Bob's public key, their shared secret.
-_X25519_KAT: Final = (
-    bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"),
-    bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"),
-    bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"),
-)
-
-
-def self_test() -> None:
-    """Known answers and round trips through every group and a signer of each
-    family; raises BackendError naming the first thing that is wrong."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise BackendError(f"openssl backend unavailable: {reason}")
-
-    alice, bob_public, expected = _X25519_KAT
-    try:
-        got = _x25519_agree(X25519PrivateKey.from_private_bytes(alice), bob_public)
-    except Exception as exc:
-        raise _backend_error("self-test x25519 known answer", exc) from exc
-    if got != expected:
-        raise BackendError("openssl backend: self-test x25519 known answer mismatch")
-
-    for code, group in OpenSSLProvider().groups.items():
-        name = group_name(code)
-        try:
-            client = group.start()
-            server_share, server_secret = group.server_exchange(client.share)
-            client_secret = client.complete(server_share)
-        except Exception as exc:
-            raise _backend_error(f"self-test {name} round trip", exc) from exc
-        if len(client.share) != group.client_share_length:
-            raise BackendError(f"openssl backend: self-test {name} client share length")
-        if len(server_share) != group.server_share_length:
-            raise BackendError(f"openssl backend: self-test {name} server share length")
-        if not server_secret or client_secret != server_secret:
-            raise BackendError(f"openssl backend: self-test {name} secrets differ")
-
-    # RSA is left out: generating a key costs more than the whole rest.
-    keys: list[PrivateKeyTypes] = [
-        ec.generate_private_key(ec.SECP256R1()),
-        ed25519.Ed25519PrivateKey.generate(),
-    ]
-    if _mldsa_supported():
-        keys.append(mldsa.MLDSA44PrivateKey.generate())
-    message = b"pqproxy self-test"
-    for key in keys:
-        signer = signer_from_private_key(key)
-        for scheme in signer.schemes:
-            try:
-                verify_signature(key.public_key(), scheme, message, signer.sign(scheme, message))
-            except Exception as exc:
-                raise _backend_error(f"self-test signature {scheme:#06x}", exc) from exc
-
-
 # --- Signing ------------------------------------------------------------------------------
 
 _ECDSA: Final[dict[str, tuple[str, int, ec.ECDSA]]] = {
@@ -676,3 +505,174 @@ def verify_signature(
         public_key.verify(signature, message)
     else:
         raise ValueError(f"unsupported public key type {type(public_key).__name__}")
+
+
+# --- Groups and provider ------------------------------------------------------------------
+
+
+@functools.cache
+def classical_groups() -> Mapping[str, KxGroup]:
+    """The classical groups keyed by NamedGroup name; shared, stateless instances
+    (each holds its cached curve object)."""
+    groups: dict[str, KxGroup] = {
+        "x25519": X25519Group(),
+        "secp256r1": EcdhGroup(NamedGroup.secp256r1, ec.SECP256R1()),
+        "secp384r1": EcdhGroup(NamedGroup.secp384r1, ec.SECP384R1()),
+        "secp521r1": EcdhGroup(NamedGroup.secp521r1, ec.SECP521R1()),
+    }
+    return MappingProxyType(groups)
+
+
+@functools.cache
+def kems() -> Mapping[str, Kem]:
+    """The ML-KEM parameter sets this build of OpenSSL has, keyed by name."""
+    if unavailable_reason() is not None:
+        return MappingProxyType({})
+    found: dict[str, Kem] = {
+        "ML-KEM-768": MlKem(
+            "ML-KEM-768",
+            mlkem.MLKEM768PublicKey.from_public_bytes,
+            mlkem.MLKEM768PrivateKey.generate,
+            1184,
+            1088,
+        ),
+        "ML-KEM-1024": MlKem(
+            "ML-KEM-1024",
+            mlkem.MLKEM1024PublicKey.from_public_bytes,
+            mlkem.MLKEM1024PrivateKey.generate,
+            1568,
+            1568,
+        ),
+    }
+    return MappingProxyType(found)
+
+
+class OpenSSLProvider:
+    """All groups on cryptography: the three hybrids, then the classical ones."""
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise BackendError(f"openssl backend unavailable: {reason}")
+        self._groups: Mapping[int, KxGroup] = MappingProxyType(
+            compose_groups(kems(), classical_groups())
+        )
+
+    @property
+    def name(self) -> str:
+        return NAME
+
+    @property
+    def groups(self) -> Mapping[int, KxGroup]:
+        return self._groups
+
+    def __repr__(self) -> str:
+        return f"<OpenSSLProvider groups={len(self._groups)}>"
+
+
+def create_provider() -> OpenSSLProvider:
+    """The provider a listener gets when its configuration names this backend."""
+    return OpenSSLProvider()
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why this backend cannot serve hybrid groups, or None if it can. The
+    probe generates one key of each ML-KEM size: the only reliable way to know
+    the bundled OpenSSL has the algorithm enabled."""
+    try:
+        mlkem.MLKEM768PrivateKey.generate()
+        mlkem.MLKEM1024PrivateKey.generate()
+    except UnsupportedAlgorithm:
+        return f"ML-KEM is not supported by {_openssl_version()}"
+    return None
+
+
+def is_available() -> bool:
+    return unavailable_reason() is None
+
+
+@functools.cache
+def _mldsa_supported() -> bool:
+    try:
+        mldsa.MLDSA44PrivateKey.generate()
+    except UnsupportedAlgorithm:
+        return False
+    return True
+
+
+def _openssl_version() -> str:
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    return str(backend.openssl_version_text())
+
+
+def capabilities() -> dict[str, list[str]]:
+    """What this build can do, for the start-up report and ``pqproxy backends``."""
+    groups = compose_groups(kems(), classical_groups())
+    schemes = [s for s in SignatureScheme if s in _SIGNING_SCHEMES]
+    if not _mldsa_supported():
+        schemes = [s for s in schemes if s not in _MLDSA_SCHEMES]
+    return {
+        "library": [f"cryptography {cryptography.__version__}", _openssl_version()],
+        "groups": [group_name(g) for g in groups],
+        "kems": list(kems()),
+        "signature_schemes": [s.name for s in schemes],
+    }
+
+
+# RFC 7748 §6.1: Alice's private key, Bob's public key, their shared secret.
+_X25519_KAT: Final = (
+    bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"),
+    bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"),
+    bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"),
+)
+
+
+def self_test() -> None:
+    """Known answers and round trips through every group and a signer of each
+    family; raises BackendError naming the first thing that is wrong."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise BackendError(f"openssl backend unavailable: {reason}")
+
+    alice, bob_public, expected = _X25519_KAT
+    try:
+        got = _x25519_agree(X25519PrivateKey.from_private_bytes(alice), bob_public)
+    except Exception as exc:
+        raise _backend_error("self-test x25519 known answer", exc) from exc
+    if got != expected:
+        raise BackendError("openssl backend: self-test x25519 known answer mismatch")
+
+    for code, group in OpenSSLProvider().groups.items():
+        name = group_name(code)
+        try:
+            client = group.start()
+            server_share, server_secret = group.server_exchange(client.share)
+            client_secret = client.complete(server_share)
+        except Exception as exc:
+            raise _backend_error(f"self-test {name} round trip", exc) from exc
+        if len(client.share) != group.client_share_length:
+            raise BackendError(f"openssl backend: self-test {name} client share length")
+        if len(server_share) != group.server_share_length:
+            raise BackendError(f"openssl backend: self-test {name} server share length")
+        if not server_secret or client_secret != server_secret:
+            raise BackendError(f"openssl backend: self-test {name} secrets differ")
+
+    # RSA is left out: generating a key costs more than the whole rest.
+    keys: list[PrivateKeyTypes] = [
+        ec.generate_private_key(ec.SECP256R1()),
+        ed25519.Ed25519PrivateKey.generate(),
+    ]
+    if _mldsa_supported():
+        keys.append(mldsa.MLDSA44PrivateKey.generate())
+    message = b"pqproxy self-test"
+    for key in keys:
+        signer = signer_from_private_key(key)
+        for scheme in signer.schemes:
+            try:
+                verify_signature(key.public_key(), scheme, message, signer.sign(scheme, message))
+            except Exception as exc:
+                raise _backend_error(f"self-test signature {scheme:#06x}", exc) from exc
