@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from pqproxy.crypto.backends import openssl
 from pqproxy.crypto.provider import (
+    BackendError,
     CryptoProvider,
     InvalidKeyShare,
     Kem,
@@ -362,3 +363,34 @@ def test_encrypted_key_needs_its_password() -> None:
 def test_garbage_is_refused() -> None:
     with pytest.raises(ValueError):
         openssl.load_signer(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+
+
+# --- library failures ----------------------------------------------------------------------
+
+
+def _failing_keygen() -> mlkem.MLKEM768PrivateKey:
+    # The message stands for whatever a library might echo: key material.
+    raise RuntimeError("leaked 5ec7e7")
+
+
+def _failing_sign(message: bytes) -> bytes:
+    raise RuntimeError("leaked 5ec7e7")
+
+
+def test_library_failure_in_keygen_is_a_backend_error_without_its_message() -> None:
+    kem = openssl.MlKem(
+        "ML-KEM-768", mlkem.MLKEM768PublicKey.from_public_bytes, _failing_keygen, 1184, 1088
+    )
+    with pytest.raises(BackendError) as info:
+        kem.generate()
+    assert str(info.value) == "openssl backend: ML-KEM-768 key generation failed (RuntimeError)"
+    assert "5ec7e7" not in str(info.value)
+
+
+def test_library_failure_in_signing_is_a_backend_error_without_its_message() -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    signer = openssl.OpenSSLSigner("ed25519", {0x0807: _failing_sign}, key.public_key())
+    with pytest.raises(BackendError) as info:
+        signer.sign(0x0807, MESSAGE)
+    assert str(info.value) == "openssl backend: ed25519 signature failed (RuntimeError)"
+    assert isinstance(info.value.__cause__, RuntimeError)
