@@ -7,7 +7,7 @@ an operator sees when the proxy refuses to start.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
@@ -145,24 +145,3 @@ def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
     dns = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
     ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     return tuple(dict.fromkeys(dns + ips))
-
-
-def matches_server_name(names: Iterable[str], server_name: str) -> bool:
-    """Whether a certificate valid for ``names`` serves ``server_name``.
-
-    Exact match, or a wildcard that stands for exactly the leftmost label
-    (``*.example.com`` matches ``a.example.com``, not ``example.com`` nor
-    ``a.b.example.com``; RFC 6125 §6.4.3). Case-insensitive; a trailing dot
-    on the server name is ignored.
-    """
-    wanted = server_name.lower().rstrip(".")
-    if not wanted:
-        return False
-    label, _, parent = wanted.partition(".")
-    for name in names:
-        candidate = name.lower()
-        if candidate == wanted:
-            return True
-        if label and parent and candidate.startswith("*.") and candidate[2:] == parent:
-            return True
-    return False

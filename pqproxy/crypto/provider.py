@@ -7,7 +7,7 @@ groups; a ``CryptoProvider`` is what a listener hands to the engine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -132,6 +132,27 @@ class CertifiedKey:
     def __repr__(self) -> str:
         schemes = [hex(s) for s in self.signer.schemes]
         return f"<CertifiedKey names={list(self.names)} schemes={schemes}>"
+
+
+def matches_server_name(names: Iterable[str], server_name: str) -> bool:
+    """Whether a certificate valid for ``names`` serves ``server_name``.
+
+    Exact match, or a wildcard that stands for exactly the leftmost label
+    (``*.example.com`` matches ``a.example.com``, not ``example.com`` nor
+    ``a.b.example.com``; RFC 6125 §6.4.3). Case-insensitive; a trailing dot
+    on the server name is ignored.
+    """
+    wanted = server_name.lower().rstrip(".")
+    if not wanted:
+        return False
+    label, _, parent = wanted.partition(".")
+    for name in names:
+        candidate = name.lower()
+        if candidate == wanted:
+            return True
+        if label and parent and candidate.startswith("*.") and candidate[2:] == parent:
+            return True
+    return False
 
 
 class CryptoProvider(Protocol):

@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum, auto
 from typing import Any
 
-from ..crypto.provider import BackendError, CertifiedKey, CryptoProvider, InvalidKeyShare
+from ..crypto.provider import (
+    BackendError,
+    CertifiedKey,
+    CryptoProvider,
+    InvalidKeyShare,
+    matches_server_name,
+)
 from . import alerts
 from .enums import (
     HYBRID_GROUPS,
@@ -171,16 +177,6 @@ class _State(Enum):
     EXPECT_FINISHED = auto()
     CONNECTED = auto()
     CLOSED = auto()
-
-
-def _matches(names: tuple[str, ...], server_name: str) -> bool:
-    for name in names:
-        if name == server_name:
-            return True
-        if name.startswith("*.") and "." in server_name:
-            if server_name.split(".", 1)[1] == name[2:]:
-                return True
-    return False
 
 
 class ServerConnection:
@@ -556,7 +552,9 @@ class ServerConnection:
         certificates = self._config.certificates
         order = list(range(len(certificates)))
         if hello.server_name is not None:
-            named = [i for i in order if _matches(certificates[i].names, hello.server_name)]
+            named = [
+                i for i in order if matches_server_name(certificates[i].names, hello.server_name)
+            ]
             order = named + [i for i in order if i not in named]
         for index in order:
             for scheme in certificates[index].signer.schemes:

@@ -17,9 +17,8 @@ from pqproxy.crypto.certs import (
     CertificateLoadError,
     leaf_names,
     load_certified_key,
-    matches_server_name,
 )
-from pqproxy.crypto.provider import Signer
+from pqproxy.crypto.provider import Signer, matches_server_name
 from pqproxy.devcert import DevCertPaths, generate_dev_certs
 
 if TYPE_CHECKING:
