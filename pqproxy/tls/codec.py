@@ -40,12 +40,19 @@ class Buffer:
         return start
 
     def pull_uint8(self) -> int:
-        start = self._take(1)
-        return self._data[start]
+        pos = self._pos
+        if pos >= self._end:
+            raise DecodeError("truncated: need 1 byte")
+        self._pos = pos + 1
+        return self._data[pos]
 
     def pull_uint16(self) -> int:
-        start = self._take(2)
-        return int.from_bytes(self._data[start : start + 2], "big")
+        pos = self._pos
+        if pos + 2 > self._end:
+            raise DecodeError("truncated: need 2 bytes")
+        self._pos = pos + 2
+        data = self._data
+        return (data[pos] << 8) | data[pos + 1]
 
     def pull_uint24(self) -> int:
         start = self._take(3)
@@ -57,15 +64,23 @@ class Buffer:
 
     def pull_vector(self, length_size: int, minimum: int = 0, maximum: int | None = None) -> bytes:
         """An opaque<minimum..maximum> with a length_size-byte prefix."""
+        pos, data = self._pos, self._data
+        if pos + length_size > self._end:
+            raise DecodeError(f"truncated: need a {length_size}-byte length")
         if length_size == 1:
-            length = self.pull_uint8()
+            length = data[pos]
         elif length_size == 2:
-            length = self.pull_uint16()
+            length = (data[pos] << 8) | data[pos + 1]
         else:
-            length = self.pull_uint24()
+            length = int.from_bytes(data[pos : pos + length_size], "big")
         if length < minimum or (maximum is not None and length > maximum):
             raise DecodeError(f"vector length {length} outside {minimum}..{maximum}")
-        return self.pull_bytes(length)
+        start = pos + length_size
+        end = start + length
+        if end > self._end:
+            raise DecodeError(f"truncated: vector of {length} bytes, have {self._end - start}")
+        self._pos = end
+        return data[start:end]
 
     def pull_list(
         self, length_size: int, pull_item: Callable[[Buffer], T], minimum: int = 0
@@ -80,6 +95,22 @@ class Buffer:
     def expect_end(self, what: str) -> None:
         if self._pos != self._end:
             raise DecodeError(f"{self._end - self._pos} trailing bytes in {what}")
+
+
+def split_extensions(block: bytes) -> list[tuple[int, bytes]]:
+    """An extensions block as (type, body) pairs; the bodies must fill it exactly."""
+    pairs: list[tuple[int, bytes]] = []
+    pos, end = 0, len(block)
+    while pos < end:
+        if end - pos < 4:
+            raise DecodeError("truncated extension header")
+        ext_type = (block[pos] << 8) | block[pos + 1]
+        start = pos + 4
+        pos = start + ((block[pos + 2] << 8) | block[pos + 3])
+        if pos > end:
+            raise DecodeError(f"extension {ext_type} overruns its block")
+        pairs.append((ext_type, block[start:pos]))
+    return pairs
 
 
 def pull_uint16_list(data: bytes, what: str, minimum_items: int = 1) -> tuple[int, ...]:

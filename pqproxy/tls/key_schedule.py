@@ -140,6 +140,14 @@ def hrr_message_hash(hash_name: str, client_hello1: bytes) -> bytes:
     return bytes((_MESSAGE_HASH, 0, 0, len(digest))) + digest
 
 
+@cache
+def _no_psk_early_secrets(hash_name: str) -> tuple[bytes, bytes]:
+    """Without a PSK the early secret and its "derived" child are constants
+    (RFC 8446 §7.1); compute them once per hash instead of per handshake."""
+    early = hkdf_extract(hash_name, b"", bytes(hash_len(hash_name)))
+    return early, derive_secret(hash_name, early, b"derived", empty_hash(hash_name))
+
+
 class KeySchedule:
     """One connection's walk down RFC 8446 §7.1: early secret at construction, then
     ``handshake_secrets`` once the key exchange is done, then ``application_secrets``
@@ -153,6 +161,7 @@ class KeySchedule:
     __slots__ = (
         "params",
         "early_secret",
+        "_early_derived",
         "handshake_secret",
         "master_secret",
         "exporter_master_secret",
@@ -160,8 +169,11 @@ class KeySchedule:
 
     def __init__(self, params: SuiteParams, psk: bytes | None = None) -> None:
         self.params = params
-        ikm = psk if psk is not None else bytes(params.hash_len)
-        self.early_secret: bytes = hkdf_extract(params.hash_name, b"", ikm)
+        if psk is None:
+            self.early_secret, self._early_derived = _no_psk_early_secrets(params.hash_name)
+        else:
+            self.early_secret = hkdf_extract(params.hash_name, b"", psk)
+            self._early_derived = self._derived(self.early_secret)
         self.handshake_secret: bytes | None = None
         self.master_secret: bytes | None = None
         self.exporter_master_secret: bytes | None = None
@@ -186,7 +198,7 @@ class KeySchedule:
         if self.handshake_secret is not None:
             raise RuntimeError("handshake secrets already derived")
         name = self.params.hash_name
-        hs = hkdf_extract(name, self._derived(self.early_secret), shared_secret)
+        hs = hkdf_extract(name, self._early_derived, shared_secret)
         self.handshake_secret = hs
         return (
             derive_secret(name, hs, b"c hs traffic", hello_hash),

@@ -8,10 +8,21 @@ integers and ignored by the selection logic (RFC 8701).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .alerts import DecodeError, IllegalParameter
-from .codec import Buffer, pull_uint16_list, u16, u24, uint16_list, vec8, vec16, vec24
+from .codec import (
+    Buffer,
+    pull_uint16_list,
+    split_extensions,
+    u16,
+    u24,
+    uint16_list,
+    vec8,
+    vec16,
+    vec24,
+)
 from .enums import ExtensionType, HandshakeType
 
 # RFC 8446 §4.1.3: the special ServerHello.random that marks a HelloRetryRequest.
@@ -115,20 +126,22 @@ def pull_client_hello(body: bytes) -> ClientHello:
         raise IllegalParameter("legacy_compression_methods is not [null]")
     fields: dict[str, object] = {}
     types: list[int] = []
+    seen: set[int] = set()
     if not buf.eof():
-        ext_block = Buffer(buf.pull_vector(2))
+        ext_block = buf.pull_vector(2)
         buf.expect_end("ClientHello")
-        while not ext_block.eof():
-            ext_type = ext_block.pull_uint16()
-            ext_data = ext_block.pull_vector(2)
+        for ext_type, ext_data in split_extensions(ext_block):
             # RFC 8446 §4.2: no extension type may appear twice.
-            if ext_type in types:
+            if ext_type in seen:
                 raise IllegalParameter(f"duplicate extension {ext_type}")
             # RFC 8446 §4.2.11: pre_shared_key MUST be the last extension.
-            if types and types[-1] == ExtensionType.PRE_SHARED_KEY:
+            if types and types[-1] == _PRE_SHARED_KEY:
                 raise IllegalParameter("pre_shared_key is not the last extension")
             types.append(ext_type)
-            _parse_extension(ext_type, ext_data, fields)
+            seen.add(ext_type)
+            parser = _EXTENSION_PARSERS.get(ext_type)
+            if parser is not None:
+                fields[parser[0]] = parser[1](ext_data)
     return ClientHello(
         random=random,
         legacy_session_id=session_id,
@@ -138,52 +151,55 @@ def pull_client_hello(body: bytes) -> ClientHello:
     )
 
 
-def _parse_extension(ext_type: int, data: bytes, fields: dict[str, object]) -> None:
-    if ext_type == ExtensionType.SERVER_NAME:
-        # An empty server_name is only valid in a server's answer.
-        fields["server_name"] = _pull_server_name(data)
-    elif ext_type == ExtensionType.SUPPORTED_VERSIONS:
-        fields["supported_versions"] = pull_uint16_list(
-            _inner_vector(data, 1, "supported_versions", minimum=2), "supported_versions"
-        )
-    elif ext_type == ExtensionType.SUPPORTED_GROUPS:
-        fields["supported_groups"] = pull_uint16_list(
-            _inner_vector(data, 2, "supported_groups", minimum=2), "supported_groups"
-        )
-    elif ext_type == ExtensionType.KEY_SHARE:
-        fields["key_shares"] = _pull_key_shares(data)
-    elif ext_type == ExtensionType.SIGNATURE_ALGORITHMS:
-        fields["signature_algorithms"] = pull_uint16_list(
-            _inner_vector(data, 2, "signature_algorithms", minimum=2), "signature_algorithms"
-        )
-    elif ext_type == ExtensionType.SIGNATURE_ALGORITHMS_CERT:
-        fields["signature_algorithms_cert"] = pull_uint16_list(
-            _inner_vector(data, 2, "signature_algorithms_cert", minimum=2),
-            "signature_algorithms_cert",
-        )
-    elif ext_type == ExtensionType.ALPN:
-        fields["alpn_protocols"] = _pull_alpn(data)
-    elif ext_type == ExtensionType.PSK_KEY_EXCHANGE_MODES:
-        fields["psk_key_exchange_modes"] = tuple(
-            _inner_vector(data, 1, "psk_key_exchange_modes", minimum=1)
-        )
-    elif ext_type == ExtensionType.COOKIE:
-        fields["cookie"] = _inner_vector(data, 2, "cookie", minimum=1)
-    elif ext_type == ExtensionType.RECORD_SIZE_LIMIT:
-        buf = Buffer(data)
-        limit = buf.pull_uint16()
-        buf.expect_end("record_size_limit")
-        # RFC 8449 §4: a value below 64 is an illegal_parameter.
-        if limit < 64:
-            raise IllegalParameter(f"record_size_limit {limit} < 64")
-        fields["record_size_limit"] = limit
-    elif ext_type == ExtensionType.PRE_SHARED_KEY:
-        fields["pre_shared_key"] = True
-    elif ext_type == ExtensionType.EARLY_DATA:
-        if data:
-            raise DecodeError("early_data in ClientHello must be empty")
-        fields["early_data"] = True
-    # padding, GREASE and unknown extensions are ignored (RFC 8446 §4.2, RFC 8701).
+def _pull_record_size_limit(data: bytes) -> int:
+    buf = Buffer(data)
+    limit = buf.pull_uint16()
+    buf.expect_end("record_size_limit")
+    # RFC 8449 §4: a value below 64 is an illegal_parameter.
+    if limit < 64:
+        raise IllegalParameter(f"record_size_limit {limit} < 64")
+    return limit
+
+
+def _pull_early_data(data: bytes) -> bool:
+    if data:
+        raise DecodeError("early_data in ClientHello must be empty")
+    return True
+
+
+def _uint16s(what: str, length_size: int = 2) -> Callable[[bytes], tuple[int, ...]]:
+    def pull(data: bytes) -> tuple[int, ...]:
+        return pull_uint16_list(_inner_vector(data, length_size, what, minimum=2), what)
+
+    return pull
+
+
+# Extension type -> (ClientHello field, parser). A dict lookup per extension
+# keeps the ClientHello walk cheap; anything not listed (padding, GREASE,
+# unknown) is ignored (RFC 8446 §4.2, RFC 8701).
+_EXTENSION_PARSERS: dict[int, tuple[str, Callable[[bytes], object]]] = {
+    ExtensionType.SERVER_NAME: ("server_name", _pull_server_name),
+    ExtensionType.SUPPORTED_VERSIONS: ("supported_versions", _uint16s("supported_versions", 1)),
+    ExtensionType.SUPPORTED_GROUPS: ("supported_groups", _uint16s("supported_groups")),
+    ExtensionType.KEY_SHARE: ("key_shares", _pull_key_shares),
+    ExtensionType.SIGNATURE_ALGORITHMS: ("signature_algorithms", _uint16s("signature_algorithms")),
+    ExtensionType.SIGNATURE_ALGORITHMS_CERT: (
+        "signature_algorithms_cert",
+        _uint16s("signature_algorithms_cert"),
+    ),
+    ExtensionType.ALPN: ("alpn_protocols", _pull_alpn),
+    ExtensionType.PSK_KEY_EXCHANGE_MODES: (
+        "psk_key_exchange_modes",
+        lambda data: tuple(_inner_vector(data, 1, "psk_key_exchange_modes", minimum=1)),
+    ),
+    ExtensionType.COOKIE: ("cookie", lambda data: _inner_vector(data, 2, "cookie", minimum=1)),
+    ExtensionType.RECORD_SIZE_LIMIT: ("record_size_limit", _pull_record_size_limit),
+    # Only its presence matters until resumption lands (a later issue).
+    ExtensionType.PRE_SHARED_KEY: ("pre_shared_key", lambda data: True),
+    ExtensionType.EARLY_DATA: ("early_data", _pull_early_data),
+}
+_EXTENSION_PARSERS = {int(k): v for k, v in _EXTENSION_PARSERS.items()}
+_PRE_SHARED_KEY = int(ExtensionType.PRE_SHARED_KEY)
 
 
 # --- encoders -----------------------------------------------------------------
