@@ -12,14 +12,17 @@ from OpenSSL import SSL
 
 from pqproxy.crypto.backends.openssl import OpenSSLProvider
 from pqproxy.crypto.certs import load_certified_key
+from pqproxy.crypto.provider import BackendError
 from pqproxy.tls.enums import AlertDescription, NamedGroup
 from pqproxy.tls.events import (
     ApplicationData,
     ConnectionTerminated,
     Event,
     HandshakeComplete,
+    KeyExchangeNeeded,
     KeyUpdated,
     PeerClosed,
+    SignatureNeeded,
 )
 from pqproxy.tls.server import PqPolicy, ServerConfig, ServerConnection, resolve_inline
 from tests.peers import (
@@ -211,3 +214,52 @@ def test_server_name_selects_certificate(
     assert done.server_name == "api.example.test"
     assert done.signature_scheme == 0x0807
     assert client.get_peer_certificate() is not None
+
+
+def test_crypto_resolved_later_with_input_in_between(
+    make_server: ServerFactory, certs: object
+) -> None:
+    """The engine waits for the key exchange and the signature as events; bytes
+    that arrive meanwhile stay buffered until the result is handed back."""
+    server = make_server()
+    client = memory_client(client_context(certs.ca, groups="X25519MLKEM768"))  # type: ignore[attr-defined]
+    with pytest.raises(SSL.WantReadError):
+        client.do_handshake()
+    hello = drain_bio(client)
+    server.receive_data(hello[:100])
+    assert server.next_event() is None
+    server.receive_data(hello[100:])
+    exchange = server.next_event()
+    assert isinstance(exchange, KeyExchangeNeeded) and server.next_event() is None
+    # A compatibility CCS arrives while the key exchange is still running.
+    server.receive_data(b"\x14\x03\x03\x00\x01\x01")
+    assert server.data_to_send() == b"" and server.next_event() is None
+    server.complete_key_exchange(*exchange.exchange.server_exchange(exchange.client_share))
+    signature = server.next_event()
+    assert isinstance(signature, SignatureNeeded)
+    server_hello = server.data_to_send()
+    assert server_hello.startswith(b"\x16\x03\x03")
+    server.complete_signature(signature.signer.sign(signature.scheme, signature.message))
+    client.bio_write(server_hello + server.data_to_send())
+    client.do_handshake()
+    server.receive_data(drain_bio(client))
+    assert isinstance(server.next_event(), HandshakeComplete)
+
+
+def test_failed_signature_is_internal_error(make_server: ServerFactory, certs: object) -> None:
+    server = make_server()
+    client = memory_client(client_context(certs.ca))  # type: ignore[attr-defined]
+    with pytest.raises(SSL.WantReadError):
+        client.do_handshake()
+    server.receive_data(drain_bio(client))
+    exchange = server.next_event()
+    assert isinstance(exchange, KeyExchangeNeeded)
+    server.complete_key_exchange(*exchange.exchange.server_exchange(exchange.client_share))
+    assert isinstance(server.next_event(), SignatureNeeded)
+    server.fail_signature(BackendError("token removed"))
+    end = server.next_event()
+    assert isinstance(end, ConnectionTerminated)
+    assert end.alert == AlertDescription.internal_error and "token removed" in end.reason
+    client.bio_write(server.data_to_send())
+    with pytest.raises(SSL.Error, match="internal error"):
+        client.do_handshake()
