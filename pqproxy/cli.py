@@ -3,6 +3,7 @@
     pqproxy serve --listen HOST:PORT --cert PEM --key PEM --upstream http://HOST:PORT
     pqproxy gen-cert --out DIR [--key-type T] [--san NAME]... [--days N]
     pqproxy demo-upstream --listen HOST:PORT [--tokens N] [--token-interval S]
+    pqproxy check-config FILE
 
 Exit status: 0 on success and after SIGTERM/SIGINT, 2 for bad arguments, 1 when something the
 arguments name cannot be used (a missing certificate, a port already taken).
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--token-interval", type=_non_negative_float, default=0.02, metavar="S")
     demo.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
     _add_log_level(demo)
+
+    check = sub.add_parser(
+        "check-config", help="validate a YAML config file and print what it sets up"
+    )
+    check.add_argument("file", metavar="FILE")
+    _add_log_level(check)
     return parser
 
 
@@ -352,7 +359,18 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"serve": cmd_serve, "gen-cert": cmd_gen_cert, "demo-upstream": cmd_demo_upstream}
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import check_config_main
+
+    return check_config_main(args.file)
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "gen-cert": cmd_gen_cert,
+    "demo-upstream": cmd_demo_upstream,
+    "check-config": cmd_check_config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -101,6 +101,19 @@ class ConnectionClosed:
     bytes_to_client: int
 
 
+@dataclass(frozen=True)
+class ConnectionSnapshot:
+    """Where one live connection stands, for metrics and tests: how much it holds in memory
+    and whether backpressure has stopped reading from the client."""
+
+    peer: str
+    handshake_complete: bool
+    reading_client: bool
+    reading_upstream: bool
+    buffered_to_client: int
+    buffered_to_upstream: int
+
+
 HandshakeHook = Callable[[HandshakeComplete, str], None]
 TerminatedHook = Callable[[ConnectionClosed], None]
 
@@ -164,6 +177,9 @@ class TLSListener:
     @property
     def active_connections(self) -> int:
         return len(self._active)
+
+    def snapshot(self) -> list[ConnectionSnapshot]:
+        return [conn.snapshot() for conn in self._active]
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         server, self._server = self._server, None
@@ -259,6 +275,21 @@ class _ClientConnection(asyncio.Protocol):
         self._alert_sent = False
         self._bytes_from_client = 0
         self._bytes_to_client = 0
+
+    def snapshot(self) -> ConnectionSnapshot:
+        client, upstream = self._transport, self._upstream
+        return ConnectionSnapshot(
+            peer=self._peer,
+            handshake_complete=self._handshake_done,
+            reading_client=client is not None and client.is_reading(),
+            reading_upstream=upstream is not None and upstream.is_reading(),
+            buffered_to_client=client.get_write_buffer_size() if client is not None else 0,
+            buffered_to_upstream=(
+                upstream.get_write_buffer_size() + self._pending_size
+                if upstream is not None
+                else self._pending_size
+            ),
+        )
 
     # -- asyncio.Protocol: client side ------------------------------------------------------
 

@@ -144,7 +144,9 @@ def upstream_port() -> Iterator[int]:
         match = proc.wait_for_line(r"demo upstream listening on http://127\.0\.0\.1:(\d+)")
         yield int(match.group(1))
     finally:
-        proc.stop()
+        status = proc.stop()
+    assert status == 0, proc.output()
+    assert "Traceback" not in proc.output()
 
 
 @dataclass

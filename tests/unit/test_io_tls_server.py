@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -311,6 +311,115 @@ async def test_bulk_transfer_with_backpressure(
     await close_writer(writer)
     closed = await proxy.next_closed()
     assert closed.bytes_from_client == len(payload)
+
+
+class StalledUpstream(asyncio.Protocol):
+    """An upstream that reads nothing until ``release()``, then counts what arrives."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = 0
+        self.transport: asyncio.Transport | None = None
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.all_received: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+        self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received >= self.expected and not self.all_received.done():
+            self.all_received.set_result(None)
+
+    def release(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+
+async def wait_until(condition: Any, what: str) -> None:
+    """Poll ``condition()`` on every loop turn (10 ms apart) until true, failing after WAIT."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_slow_upstream_stops_reading_from_client(
+    make_proxy: Any, client_ctx: ssl.SSLContext
+) -> None:
+    high_water = 64 * 1024
+    payload = b"\xab" * (16 << 20)
+    loop = asyncio.get_running_loop()
+    upstream = StalledUpstream(len(payload))
+    server = await loop.create_server(lambda: upstream, "127.0.0.1", 0)
+    try:
+        proxy = await make_proxy(server.sockets[0].getsockname()[1], write_high_water=high_water)
+        reader, writer = await tls_connect(proxy.listener.port, client_ctx)
+        writer.write(payload)
+        await asyncio.wait_for(upstream.connected, WAIT)
+
+        def paused() -> bool:
+            snap = proxy.listener.snapshot()
+            return len(snap) == 1 and not snap[0].reading_client
+
+        await wait_until(paused, "the proxy to stop reading from the client")
+        (snap,) = proxy.listener.snapshot()
+        # Held in memory: the high-water mark plus at most one transport read (256 KiB) and
+        # its record overhead, nowhere near the 16 MiB the client has queued.
+        assert snap.buffered_to_upstream <= high_water + 512 * 1024
+
+        upstream.release()
+        await asyncio.wait_for(upstream.all_received, WAIT)
+        assert upstream.received == len(payload)
+        assert proxy.listener.snapshot()[0].reading_client
+        await close_writer(writer)
+    finally:
+        server.close()
+        if upstream.transport is not None:
+            upstream.transport.close()
+        await asyncio.wait_for(server.wait_closed(), WAIT)
+
+
+@pytest.mark.asyncio
+async def test_slow_client_stops_reading_from_upstream(
+    make_proxy: Any, client_ctx: ssl.SSLContext
+) -> None:
+    high_water = 64 * 1024
+    payload = b"\xcd" * (16 << 20)
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(payload)
+        try:
+            await asyncio.wait_for(writer.drain(), WAIT)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    try:
+        proxy = await make_proxy(server.sockets[0].getsockname()[1], write_high_water=high_water)
+        # The client completes the handshake, then reads nothing until the proxy has stopped.
+        client = await BioClient.connect(proxy.listener.port, client_ctx)
+
+        def paused() -> bool:
+            snap = proxy.listener.snapshot()
+            return len(snap) == 1 and snap[0].handshake_complete and not snap[0].reading_upstream
+
+        await wait_until(paused, "the proxy to stop reading from the upstream")
+        (snap,) = proxy.listener.snapshot()
+        assert snap.buffered_to_client <= high_water + 512 * 1024
+
+        received = await client.read_until_close_notify()
+        assert len(received) == len(payload) and received == payload
+        client.close()
+        closed = await proxy.next_closed()
+        assert closed.kind is CloseKind.CLOSED
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), WAIT)
 
 
 @pytest.mark.asyncio
