@@ -109,6 +109,7 @@ class ConnectionSnapshot:
     peer: str
     handshake_complete: bool
     reading_client: bool
+    upstream_connected: bool
     reading_upstream: bool
     buffered_to_client: int
     buffered_to_upstream: int
@@ -282,6 +283,7 @@ class _ClientConnection(asyncio.Protocol):
             peer=self._peer,
             handshake_complete=self._handshake_done,
             reading_client=client is not None and client.is_reading(),
+            upstream_connected=upstream is not None and not upstream.is_closing(),
             reading_upstream=upstream is not None and upstream.is_reading(),
             buffered_to_client=client.get_write_buffer_size() if client is not None else 0,
             buffered_to_upstream=(

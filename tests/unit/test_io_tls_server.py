@@ -244,12 +244,18 @@ class BioClient:
         chunks: list[bytes] = []
         while True:
             try:
-                chunks.append(self.obj.read(65536))
+                chunk = self.obj.read(65536)
             except ssl.SSLWantReadError:
                 if not await self._fill():
                     raise AssertionError("EOF without close_notify") from None
+                continue
             except ssl.SSLZeroReturnError:
+                # close_notify after we sent ours.
                 return b"".join(chunks)
+            if not chunk:
+                # close_notify while our side is still open: the stdlib returns b"".
+                return b"".join(chunks)
+            chunks.append(chunk)
 
     def close(self) -> None:
         self.writer.close()
@@ -403,18 +409,22 @@ async def test_slow_client_stops_reading_from_upstream(
         proxy = await make_proxy(server.sockets[0].getsockname()[1], write_high_water=high_water)
         # The client completes the handshake, then reads nothing until the proxy has stopped.
         client = await BioClient.connect(proxy.listener.port, client_ctx)
+        try:
 
-        def paused() -> bool:
-            snap = proxy.listener.snapshot()
-            return len(snap) == 1 and snap[0].handshake_complete and not snap[0].reading_upstream
+            def paused() -> bool:
+                snap = proxy.listener.snapshot()
+                return (
+                    len(snap) == 1 and snap[0].upstream_connected and not snap[0].reading_upstream
+                )
 
-        await wait_until(paused, "the proxy to stop reading from the upstream")
-        (snap,) = proxy.listener.snapshot()
-        assert snap.buffered_to_client <= high_water + 512 * 1024
+            await wait_until(paused, "the proxy to stop reading from the upstream")
+            (snap,) = proxy.listener.snapshot()
+            assert snap.buffered_to_client <= high_water + 512 * 1024
 
-        received = await client.read_until_close_notify()
-        assert len(received) == len(payload) and received == payload
-        client.close()
+            received = await client.read_until_close_notify()
+            assert len(received) == len(payload) and received == payload
+        finally:
+            client.close()
         closed = await proxy.next_closed()
         assert closed.kind is CloseKind.CLOSED
     finally:
