@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, cast
 
 from ..crypto.provider import CryptoProvider
+from ..relay.http1 import ClientTLSInfo
 from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
 from ..tls.events import (
     ApplicationData,
@@ -41,7 +43,9 @@ from ..tls.events import (
     SignatureNeeded,
 )
 from ..tls.server import ServerConfig, ServerConnection
+from .http_proxy import HttpProxySession, HttpSettings
 from .loop import ShutdownSignals
+from .upstream import NoUpstreamAvailable, UpstreamPool, UpstreamServer
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,18 @@ class ListenerSettings:
     # still connecting (the client is paused beyond it).
     read_chunk: int = 65536
     write_high_water: int = 1 << 20
+    # "http": requests go through HttpProxySession; "tcp": the decrypted stream is relayed as is.
+    mode: str = "tcp"
+    http: HttpSettings | None = None
+    # When set, each connection (tcp) or request (http) picks its server from the pool;
+    # otherwise upstream_host:upstream_port is the one server.
+    pool: UpstreamPool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("http", "tcp"):
+            raise ValueError(f"mode must be http or tcp, not {self.mode!r}")
+        if self.mode == "http" and (self.http is None or self.pool is None):
+            raise ValueError("http mode needs http settings and an upstream pool")
 
 
 class CloseKind(StrEnum):
@@ -157,16 +173,23 @@ class TLSListener:
         self._refused_unlogged = 0
         self._last_refusal_log = float("-inf")
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen; ``sock`` is an already bound socket (workers share a port
+        through SO_REUSEPORT, each with its own socket)."""
         if self._server is not None:
             raise RuntimeError("listener already started")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ClientConnection(self, loop),
-            self.settings.host,
-            self.settings.port,
-            reuse_address=True,
-        )
+        if sock is not None:
+            self._server = await loop.create_server(
+                lambda: _ClientConnection(self, loop), sock=sock
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: _ClientConnection(self, loop),
+                self.settings.host,
+                self.settings.port,
+                reuse_address=True,
+            )
 
     @property
     def port(self) -> int:
@@ -181,6 +204,28 @@ class TLSListener:
 
     def snapshot(self) -> list[ConnectionSnapshot]:
         return [conn.snapshot() for conn in self._active]
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful stop: accept nothing new, let in-flight requests and streams finish
+        (idle keep-alive connections close at once), then close what is left."""
+        server = self._server
+        if server is None:
+            return
+        server.close()
+        if self._active:
+            self._drained = asyncio.Event()
+            for conn in list(self._active):
+                conn.begin_drain()
+            if self._active:
+                try:
+                    await asyncio.wait_for(self._drained.wait(), timeout)
+                except TimeoutError:
+                    logger.warning(
+                        "drain: %d connections still busy after %gs, closing them",
+                        len(self._active),
+                        timeout,
+                    )
+        await self.close()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         server, self._server = self._server, None
@@ -263,6 +308,11 @@ class _ClientConnection(asyncio.Protocol):
         self._linger_buffered = 0
         self._upstream: asyncio.Transport | None = None
         self._upstream_task: asyncio.Task[None] | None = None
+        self._upstream_server: UpstreamServer | None = None
+        self._http: HttpProxySession | None = None
+        self._http_task: asyncio.Task[str] | None = None
+        self._client_writable = asyncio.Event()
+        self._client_writable.set()
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._client_eof = False
@@ -358,8 +408,11 @@ class _ClientConnection(asyncio.Protocol):
                 self._linger_timer = None
             if self._upstream_task is not None and not self._upstream_task.done():
                 self._upstream_task.cancel()
+            if self._http_task is not None and not self._http_task.done():
+                self._http_task.cancel()
             if self._upstream is not None:
                 self._upstream.abort()
+            self._release_upstream_server()
         except Exception as exc2:
             logger.error("peer=%s cleanup failed: %s: %s", self._peer, type(exc2).__name__, exc2)
         finally:
@@ -387,13 +440,44 @@ class _ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client is not keeping up: stop taking bytes from the upstream.
         self._client_write_paused = True
+        self._client_writable.clear()
         if self._upstream is not None and not self._upstream.is_closing():
             self._upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self._client_write_paused = False
+        self._client_writable.set()
         if self._upstream is not None and not self._upstream.is_closing():
             self._upstream.resume_reading()
+
+    # -- Downstream, for the HTTP session ----------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self._closing:
+            raise ConnectionResetError("client connection closed")
+        self._last_activity = self._loop.time()
+        self._tls.send_data(data)
+        self._flush()
+
+    async def drain(self) -> None:
+        if self._closing:
+            raise ConnectionResetError("client connection closed")
+        if not self._client_writable.is_set():
+            await self._client_writable.wait()
+            if self._closing:
+                raise ConnectionResetError("client connection closed")
+
+    def pause_reading(self) -> None:
+        self._pause_client("http-buffer")
+
+    def resume_reading(self) -> None:
+        self._resume_client("http-buffer")
+
+    def begin_drain(self) -> None:
+        """Listener drain: an HTTP connection finishes its current request and closes;
+        one still handshaking or a raw relay runs until it ends or the deadline."""
+        if self._http is not None:
+            self._http.begin_drain()
 
     # -- the engine --------------------------------------------------------------------------
 
@@ -409,7 +493,10 @@ class _ClientConnection(asyncio.Protocol):
     def _handle(self, event: Event) -> None:
         if isinstance(event, ApplicationData):
             self._bytes_from_client += len(event.data)
-            self._to_upstream(event.data)
+            if self._http is not None:
+                self._http.feed(event.data)
+            else:
+                self._to_upstream(event.data)
         elif isinstance(event, KeyExchangeNeeded | SignatureNeeded):
             self._resolve_crypto(event)
         elif isinstance(event, HandshakeComplete):
@@ -470,8 +557,40 @@ class _ClientConnection(asyncio.Protocol):
             except Exception as exc:
                 logger.error("on_handshake hook failed: %s: %s", type(exc).__name__, exc)
         self._last_activity = self._loop.time()
-        self._idle_timer = self._loop.call_later(self._settings.idle_timeout, self._on_idle_check)
+        settings = self._settings
+        if settings.mode == "http":
+            # The session keeps its own clocks: keep-alive idle, header read, upstream read.
+            assert settings.http is not None and settings.pool is not None
+            transport = self._transport
+            peername = transport.get_extra_info("peername") if transport is not None else None
+            client_ip = str(peername[0]) if isinstance(peername, tuple) else "unknown"
+            self._http = HttpProxySession(
+                self,
+                settings.http,
+                settings.pool,
+                ClientTLSInfo.from_handshake(event),
+                client_ip,
+                self._peer,
+            )
+            self._http_task = self._loop.create_task(self._http.run())
+            self._http_task.add_done_callback(self._http_done)
+            return
+        self._idle_timer = self._loop.call_later(settings.idle_timeout, self._on_idle_check)
         self._upstream_task = self._loop.create_task(self._connect_upstream())
+
+    def _http_done(self, task: asyncio.Task[str]) -> None:
+        if self._closing:
+            return
+        try:
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is not None:
+                self._internal_error("http session", cast(Exception, error))
+                return
+            self._finish(CloseKind.CLOSED, task.result())
+        except Exception as exc:
+            self._internal_error("http session end", exc)
 
     def _on_engine_terminated(self, event: ConnectionTerminated) -> None:
         self._alert = event.alert
@@ -508,6 +627,9 @@ class _ClientConnection(asyncio.Protocol):
         if not self._handshake_done:
             self._finish(CloseKind.PEER_EOF, "client closed during handshake")
             return
+        if self._http is not None:
+            self._http.feed_eof()
+            return
         self._send_upstream_eof()
 
     def _send_upstream_eof(self) -> None:
@@ -520,6 +642,16 @@ class _ClientConnection(asyncio.Protocol):
 
     async def _connect_upstream(self) -> None:
         host, port = self._settings.upstream_host, self._settings.upstream_port
+        pool = self._settings.pool
+        if pool is not None:
+            try:
+                server = pool.pick()
+            except NoUpstreamAvailable as exc:
+                self._finish(CloseKind.UPSTREAM_FAILED, str(exc), level=logging.WARNING)
+                return
+            pool.begin(server)
+            self._upstream_server = server
+            host, port = server.host, server.port
         timeout = self._settings.upstream_connect_timeout
         try:
             await asyncio.wait_for(
@@ -527,12 +659,14 @@ class _ClientConnection(asyncio.Protocol):
                 timeout,
             )
         except TimeoutError:
+            self._report_upstream_failure("connect timed out")
             self._finish(
                 CloseKind.UPSTREAM_FAILED,
                 f"upstream {host}:{port} connect timed out after {timeout:g}s",
                 level=logging.WARNING,
             )
         except OSError as exc:
+            self._report_upstream_failure(f"connect failed: {exc.strerror or exc}")
             self._finish(
                 CloseKind.UPSTREAM_FAILED,
                 f"upstream {host}:{port} connect failed: {exc.strerror or exc}",
@@ -542,6 +676,17 @@ class _ClientConnection(asyncio.Protocol):
             raise
         except Exception as exc:
             self._internal_error("upstream connect", exc)
+
+    def _report_upstream_failure(self, reason: str) -> None:
+        pool, server = self._settings.pool, self._upstream_server
+        if pool is not None and server is not None:
+            pool.report_failure(server, reason)
+
+    def _release_upstream_server(self) -> None:
+        pool, server = self._settings.pool, self._upstream_server
+        self._upstream_server = None
+        if pool is not None and server is not None:
+            pool.end(server)
 
     def _upstream_made(self, protocol: _UpstreamProtocol, transport: asyncio.Transport) -> None:
         if self._closing:
@@ -660,6 +805,9 @@ class _ClientConnection(asyncio.Protocol):
         self._cancel_timers()
         if self._upstream_task is not None and not self._upstream_task.done():
             self._upstream_task.cancel()
+        if self._http_task is not None and not self._http_task.done():
+            self._http_task.cancel()
+        self._client_writable.set()
         if close_notify and self._handshake_done and not self._tls.closed:
             self._tls.close()
             if self._alert is None:

@@ -1,0 +1,601 @@
+"""The HTTP/1.1 proxy over one established TLS connection.
+
+One ``HttpProxySession`` per client connection, running as a task. It parses
+requests with h11, forwards each to a server from the listener's upstream pool
+over a keep-alive connection, and streams both bodies chunk by chunk: a token
+that the model server writes reaches the client in the same moment, never
+buffered to the end of the response.
+
+The rules of HTTP (framing checks, hop-by-hop headers, forwarding headers,
+error bodies) live in ``pqproxy.relay.http1``; this module only moves bytes and
+keeps time:
+
+- header read: ``header_read_timeout`` for a request head once its first byte
+  arrived (and for the first request of a connection) -> 408;
+- keep-alive idle: ``idle_timeout`` between requests -> quiet close;
+- upstream connect: the pool's connect timeout -> 504 (refused -> 502), retried
+  on another server while the request has not reached any upstream;
+- upstream read: ``upstream_read_timeout`` between bytes from the upstream ->
+  504 before the response head, an aborted stream after it.
+
+Pipelined requests are answered in order: h11 holds a pipelined request until
+the current response is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+
+from ..relay.http1 import (
+    ClientTLSInfo,
+    ForwardingOptions,
+    HeaderLimits,
+    HttpError,
+    body_too_large,
+    check_request,
+    classify_h11_error,
+    downstream_response_headers,
+    request_host,
+    request_summary,
+    upstream_request_headers,
+)
+from .upstream import (
+    NoUpstreamAvailable,
+    UpstreamConnectError,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamServer,
+)
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("pqproxy.access")
+
+# Bytes held from the client before we stop reading its socket: one large
+# TLS record's worth plus slack; h11 buffers what it has not parsed yet.
+CLIENT_BUFFER_HIGH_WATER = 256 * 1024
+# A response head from the model server larger than this is a broken upstream.
+MAX_UPSTREAM_HEAD = 64 * 1024
+UPSTREAM_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    header_read_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    upstream_read_timeout: float = 600.0
+    max_header_bytes: int = 32 * 1024
+    max_body_bytes: int = 100 * 2**20
+    forwarding: ForwardingOptions = field(default_factory=ForwardingOptions)
+    retries: int = 2
+
+
+class Downstream(Protocol):
+    """What the session needs from the TLS client connection."""
+
+    def send(self, data: bytes) -> None:
+        """Encrypt and write application data to the client."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait while the client's write buffer is above its high-water mark."""
+        ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+@dataclass
+class RequestRecord:
+    """What the access log says about one request."""
+
+    method: str = "-"
+    path: str = "-"
+    status: int = 0
+    upstream: str = "-"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_byte: float | None = None
+    error: str = ""
+
+
+class _ClientGone(Exception):
+    """The client closed or the connection is going away."""
+
+
+class _UpstreamFailed(Exception):
+    def __init__(self, status: int, reason: str, *, response_started: bool) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.response_started = response_started
+
+
+class HttpProxySession:
+    def __init__(
+        self,
+        downstream: Downstream,
+        settings: HttpSettings,
+        pool: UpstreamPool,
+        tls_info: ClientTLSInfo,
+        client_ip: str,
+        peer: str,
+        on_request: Callable[[RequestRecord], None] | None = None,
+    ) -> None:
+        self._downstream = downstream
+        self._settings = settings
+        self._pool = pool
+        self._tls_info = tls_info
+        self._client_ip = client_ip
+        self._peer = peer
+        self._on_request = on_request
+        self._limits = HeaderLimits(max_header_bytes=settings.max_header_bytes)
+        self._buffer = bytearray()
+        self._eof = False
+        self._data_ready = asyncio.Event()
+        self._paused = False
+        self._draining = False
+        self._loop = asyncio.get_running_loop()
+
+    # --- fed by the TLS connection ---------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        self._data_ready.set()
+        if not self._paused and len(self._buffer) > CLIENT_BUFFER_HIGH_WATER:
+            self._paused = True
+            self._downstream.pause_reading()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._data_ready.set()
+
+    def begin_drain(self) -> None:
+        """Finish the request in flight, then close instead of waiting for another."""
+        self._draining = True
+        self._data_ready.set()
+
+    async def _read_client(self, timeout: float) -> bytes:
+        """Up to everything buffered; b"" at EOF; TimeoutError after ``timeout``."""
+        if not self._buffer and not self._eof:
+            self._data_ready.clear()
+            await asyncio.wait_for(self._data_ready.wait(), timeout)
+            if not self._buffer and not self._eof:
+                raise _Woken
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._paused:
+            self._paused = False
+            self._downstream.resume_reading()
+        return data
+
+    # --- the request loop ------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Serve requests until the connection should close; returns why."""
+        client = self._limits.server_connection()
+        first = True
+        while True:
+            try:
+                request = await self._receive_head(client, first)
+            except HttpError as error:
+                self._send_error(client, error, RequestRecord())
+                return f"{error.status}: {error.reason}"
+            if request is None:
+                return "client closed" if first else "keep-alive ended"
+            first = False
+            record = RequestRecord(method=request.method.decode("ascii", "replace"))
+            record.path = request_summary(request)
+            keep_open = await self._serve_request(client, request, record)
+            self._log_request(record)
+            if not keep_open:
+                return record.error or "connection: close"
+            if self._draining:
+                return "draining"
+            if client.our_state is h11.DONE and client.their_state is h11.DONE:
+                client.start_next_cycle()
+            else:
+                return "request not finished"
+
+    async def _receive_head(self, client: h11.Connection, first: bool) -> h11.Request | None:
+        settings = self._settings
+        now = self._loop.time()
+        # A fresh connection gets header_read to send its first request; an idle
+        # keep-alive connection gets idle_timeout before its next one starts.
+        idle_deadline = now + (settings.header_read_timeout if first else settings.idle_timeout)
+        head_deadline: float | None = None
+        while True:
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise classify_h11_error(exc) from None
+            if isinstance(event, h11.Request):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if event is not h11.NEED_DATA:
+                raise HttpError(400, f"unexpected {type(event).__name__} before a request")
+            partial = bool(client.trailing_data[0])
+            if self._draining and not partial:
+                return None
+            if partial and head_deadline is None:
+                head_deadline = self._loop.time() + settings.header_read_timeout
+            deadline = head_deadline if head_deadline is not None else idle_deadline
+            try:
+                data = await self._read_client(max(0.0, deadline - self._loop.time()))
+            except _Woken:
+                continue
+            except TimeoutError:
+                if partial or first:
+                    raise HttpError(408, "request head not received in time") from None
+                return None
+            if not data and partial:
+                raise HttpError(400, "connection closed inside a request head")
+            client.receive_data(data)
+
+    async def _serve_request(
+        self, client: h11.Connection, request: h11.Request, record: RequestRecord
+    ) -> bool:
+        try:
+            check_request(request)
+            self._limits.check_head(request)
+            if request.method == b"CONNECT":
+                raise HttpError(405, "CONNECT is not proxied")
+            if body_too_large(request.headers, self._settings.max_body_bytes):
+                raise HttpError(413, "declared body larger than max_body_bytes")
+            headers = upstream_request_headers(
+                request.headers,
+                client_ip=self._client_ip,
+                host=request_host(request),
+                tls=self._tls_info,
+                options=self._settings.forwarding,
+                http_version=request.http_version,
+            )
+        except HttpError as error:
+            self._send_error(client, error, record)
+            return False
+        outbound = h11.Request(method=request.method, target=request.target, headers=headers)
+        if not _has_body(request):
+            # h11 reports the end of a bodiless request as its own event; take it now
+            # so the client side reaches DONE and the connection can be kept alive.
+            end = client.next_event()
+            if not isinstance(end, h11.EndOfMessage):
+                self._send_error(client, HttpError(400, "body on a bodiless request"), record)
+                return False
+        try:
+            return await self._forward(client, outbound, record)
+        except HttpError as error:
+            self._send_error(client, error, record)
+            return False
+        except _ClientGone as gone:
+            record.error = str(gone)
+            return False
+        except _UpstreamFailed as failure:
+            record.error = failure.reason
+            if failure.response_started:
+                # Too late for a status line: the only honest signal is to cut
+                # the stream, so the client sees an incomplete response.
+                record.status = record.status or failure.status
+                logger.warning(
+                    "peer=%s %s aborted mid-response: %s", self._peer, record.path, failure.reason
+                )
+                return False
+            self._send_error(client, HttpError(failure.status, failure.reason), record)
+            return False
+
+    async def _forward(
+        self, client: h11.Connection, outbound: h11.Request, record: RequestRecord
+    ) -> bool:
+        pool = self._pool
+        tried: set[UpstreamServer] = set()
+        has_body = _has_body(outbound)
+        attempts_left = self._settings.retries
+        while True:
+            try:
+                conn = await pool.acquire(tried)
+            except NoUpstreamAvailable as exc:
+                raise _UpstreamFailed(502, str(exc), response_started=False) from None
+            except UpstreamConnectError as exc:
+                status = 504 if exc.timed_out else 502
+                raise _UpstreamFailed(
+                    status, f"upstream {exc.server.label}: {exc.reason}", response_started=False
+                ) from None
+            record.upstream = conn.server.label
+            try:
+                return await self._exchange(client, outbound, conn, record, has_body)
+            except _StaleConnection as stale:
+                # A reused keep-alive socket the upstream had already closed: the
+                # request never reached it, so it may go again, even to the same server.
+                conn.close()
+                tried.discard(conn.server)
+                if attempts_left <= 0:
+                    raise _UpstreamFailed(502, stale.reason, response_started=False) from None
+                attempts_left -= 1
+            finally:
+                pool.end(conn.server)
+
+    async def _exchange(
+        self,
+        client: h11.Connection,
+        outbound: h11.Request,
+        conn: UpstreamConnection,
+        record: RequestRecord,
+        has_body: bool,
+    ) -> bool:
+        pool, settings = self._pool, self._settings
+        upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPSTREAM_HEAD)
+        reused = conn.reused
+        try:
+            conn.writer.write(upstream.send(outbound))
+        except (ConnectionError, RuntimeError) as exc:
+            raise self._write_failure(conn, reused, has_body, exc) from None
+        body_task: asyncio.Task[None] | None = None
+        body_errors: list[BaseException] = []
+        if has_body:
+            body_task = asyncio.create_task(self._pump_request_body(client, upstream, conn, record))
+
+            def body_finished(task: asyncio.Task[None]) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    # Stop waiting for an answer to a request that cannot complete.
+                    body_errors.append(task.exception())  # type: ignore[arg-type]
+                    conn.close()
+
+            body_task.add_done_callback(body_finished)
+        else:
+            conn.writer.write(upstream.send(h11.EndOfMessage()))
+        response_started = False
+        got_any = False
+        try:
+            while True:
+                event = await self._next_upstream_event(
+                    upstream, conn, settings.upstream_read_timeout, response_started
+                )
+                if event is None:
+                    # EOF before a response: a stale socket if nothing came at all.
+                    if reused and not got_any and not has_body:
+                        raise _StaleConnection(f"upstream {conn.server.label} closed idle socket")
+                    pool.report_failure(conn.server, "closed before responding")
+                    raise _UpstreamFailed(
+                        502,
+                        f"upstream {conn.server.label} closed the connection before responding",
+                        response_started=response_started,
+                    )
+                got_any = True
+                if isinstance(event, h11.InformationalResponse):
+                    # 100 Continue goes straight to the client; 101 cannot happen
+                    # because Upgrade is hop-by-hop and never forwarded.
+                    if event.status_code != 101:
+                        self._send_client(client.send(event), record)
+                    continue
+                if isinstance(event, h11.Response):
+                    response_started = True
+                    record.status = event.status_code
+                    record.first_byte = time.monotonic()
+                    if event.status_code >= 500:
+                        pool.report_failure(conn.server, f"status {event.status_code}")
+                    else:
+                        pool.report_success(conn.server)
+                    response = h11.Response(
+                        status_code=event.status_code,
+                        headers=downstream_response_headers(
+                            event.headers, http_version=outbound.http_version
+                        ),
+                        reason=event.reason,
+                    )
+                    self._send_client(client.send(response), record)
+                elif isinstance(event, h11.Data):
+                    self._send_client(client.send(h11.Data(data=event.data)), record)
+                    await self._downstream.drain()
+                elif isinstance(event, h11.EndOfMessage):
+                    self._send_client(client.send(h11.EndOfMessage()), record)
+                    break
+        except (_UpstreamFailed, _StaleConnection) as failure:
+            conn.close()
+            if body_errors:
+                # The client side broke first (oversized or malformed body, or gone).
+                raise body_errors[0] from None
+            if body_task is not None:
+                body_task.cancel()
+            raise failure
+        except h11.RemoteProtocolError as exc:
+            pool.report_failure(conn.server, "malformed response")
+            conn.close()
+            raise _UpstreamFailed(
+                502,
+                f"upstream {conn.server.label} sent a malformed response: {type(exc).__name__}",
+                response_started=response_started,
+            ) from None
+        except BaseException:
+            conn.close()
+            if body_task is not None:
+                body_task.cancel()
+            raise
+        body_done = body_task is None or body_task.done()
+        if body_task is not None:
+            if body_task.done():
+                error = body_task.exception()
+                if error is not None:
+                    conn.close()
+                    record.error = f"request body: {error}"
+                    return False
+            else:
+                # The upstream answered before reading the whole body: the rest of
+                # it cannot be skipped reliably, so this connection ends here.
+                body_task.cancel()
+        reusable_upstream = (
+            body_done
+            and upstream.our_state is h11.DONE
+            and upstream.their_state is h11.DONE
+            and not upstream.trailing_data[0]
+        )
+        pool.release(conn, reusable_upstream)
+        return body_done and client.our_state is h11.DONE and client.their_state is h11.DONE
+
+    def _write_failure(
+        self, conn: UpstreamConnection, reused: bool, has_body: bool, exc: BaseException
+    ) -> Exception:
+        conn.close()
+        if reused and not has_body:
+            return _StaleConnection(f"upstream {conn.server.label}: {type(exc).__name__}")
+        self._pool.report_failure(conn.server, f"write failed: {type(exc).__name__}")
+        return _UpstreamFailed(
+            502, f"upstream {conn.server.label}: write failed", response_started=False
+        )
+
+    async def _next_upstream_event(
+        self,
+        upstream: h11.Connection,
+        conn: UpstreamConnection,
+        timeout: float,
+        response_started: bool,
+    ) -> h11.Event | None:
+        while True:
+            event = upstream.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await asyncio.wait_for(conn.reader.read(UPSTREAM_READ_CHUNK), timeout)
+                except TimeoutError:
+                    self._pool.report_failure(conn.server, "read timeout")
+                    raise _UpstreamFailed(
+                        504,
+                        f"upstream {conn.server.label} sent nothing for {timeout:g}s",
+                        response_started=response_started,
+                    ) from None
+                except ConnectionError as exc:
+                    if not response_started and not data_seen(upstream):
+                        return None
+                    raise _UpstreamFailed(
+                        502,
+                        f"upstream {conn.server.label} connection lost: {type(exc).__name__}",
+                        response_started=response_started,
+                    ) from None
+                if not data and not response_started and not data_seen(upstream):
+                    return None
+                upstream.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                if response_started:
+                    raise _UpstreamFailed(
+                        502,
+                        f"upstream {conn.server.label} closed mid-response",
+                        response_started=True,
+                    )
+                return None
+            if isinstance(event, h11.Event):
+                return event
+            # PAUSED only follows a finished response, which the caller never reads past.
+            return None
+
+    async def _pump_request_body(
+        self,
+        client: h11.Connection,
+        upstream: h11.Connection,
+        conn: UpstreamConnection,
+        record: RequestRecord,
+    ) -> None:
+        limit = self._settings.max_body_bytes
+        while True:
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise classify_h11_error(exc) from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self._read_client(self._settings.header_read_timeout)
+                except _Woken:
+                    continue
+                except TimeoutError:
+                    raise HttpError(408, "request body stalled") from None
+                if not data:
+                    raise _ClientGone("client closed inside a request body")
+                client.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                record.bytes_in += len(event.data)
+                if record.bytes_in > limit:
+                    raise HttpError(413, "request body larger than max_body_bytes")
+                conn.writer.write(upstream.send(event))
+                await conn.writer.drain()
+            elif isinstance(event, h11.EndOfMessage):
+                conn.writer.write(upstream.send(h11.EndOfMessage()))
+                await conn.writer.drain()
+                return
+            else:
+                return
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _send_client(self, data: bytes | None, record: RequestRecord) -> None:
+        if data:
+            record.bytes_out += len(data)
+            self._downstream.send(data)
+
+    def _send_error(self, client: h11.Connection, error: HttpError, record: RequestRecord) -> None:
+        record.status = error.status
+        record.error = error.reason
+        level = logging.WARNING if error.status >= 500 else logging.INFO
+        logger.log(
+            level, "peer=%s %s -> %d: %s", self._peer, record.path, error.status, error.reason
+        )
+        if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        response, body = error.response(close=True)
+        try:
+            self._send_client(client.send(response), record)
+            if body:
+                self._send_client(client.send(h11.Data(data=body)), record)
+            self._send_client(client.send(h11.EndOfMessage()), record)
+        except h11.LocalProtocolError as exc:
+            logger.info("peer=%s could not send %d: %s", self._peer, error.status, exc)
+
+    def _log_request(self, record: RequestRecord) -> None:
+        now = time.monotonic()
+        first_byte_ms = (
+            f"{(record.first_byte - record.started) * 1000.0:.1f}" if record.first_byte else "-"
+        )
+        access_logger.info(
+            "peer=%s method=%s path=%s status=%d upstream=%s in=%d out=%d first_byte_ms=%s ms=%.1f",
+            self._peer,
+            record.method,
+            record.path,
+            record.status,
+            record.upstream,
+            record.bytes_in,
+            record.bytes_out,
+            first_byte_ms,
+            (now - record.started) * 1000.0,
+        )
+        if self._on_request is not None:
+            self._on_request(record)
+
+
+class _Woken(Exception):
+    """The wait for client data was interrupted by a drain."""
+
+
+class _StaleConnection(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def data_seen(upstream: h11.Connection) -> bool:
+    """Whether the upstream has sent anything for this exchange."""
+    return upstream.their_state is not h11.SEND_RESPONSE or bool(upstream.trailing_data[0])
+
+
+def _has_body(request: h11.Request) -> bool:
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() != b"0"
+    return False
