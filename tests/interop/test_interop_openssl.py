@@ -5,9 +5,12 @@ OpenSSL 3.0 (classical only). The negotiated group is asserted on both sides."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -138,3 +141,59 @@ def test_response_body_is_json(proxy_factory: ProxyFactory, dev_certs: Any) -> N
     # Connection: close, so the body may be chunked or plain; find the JSON object.
     start, end = body.index(b"{"), body.rindex(b"}") + 1
     assert json.loads(body[start:end])["data"][0]["id"] == "pqproxy-demo"
+
+
+def test_openssl_s_client_key_update_requested(proxy_factory: ProxyFactory, dev_certs: Any) -> None:
+    """The system's `openssl s_client` (3.0) sends KeyUpdate(update_requested)
+    with its interactive "K" command; the request after it must still be
+    answered, which needs pqproxy to take the client's new key and answer
+    with its own KeyUpdate."""
+    proxy = proxy_factory()
+    command = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{proxy.port}",
+        "-servername",
+        "localhost",
+        "-CAfile",
+        str(dev_certs.ca),
+        "-tls1_3",
+        "-crlf",
+        "-verify_return_error",
+    ]
+    # s_client quits at stdin EOF, so stdin stays open until the answer is in;
+    # and it acts on "K" only at the start of a read, so the request waits until
+    # s_client has reported the key update.
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as client:
+        assert client.stdin is not None and client.stdout is not None
+        output = b""
+        deadline = time.monotonic() + 20
+
+        def read_until(marker: bytes) -> None:
+            nonlocal output
+            assert client.stdout is not None
+            while marker not in output and time.monotonic() < deadline:
+                ready, _, _ = select.select([client.stdout], [], [], deadline - time.monotonic())
+                if not ready:
+                    return
+                chunk = os.read(client.stdout.fileno(), 65536)
+                if not chunk:
+                    return
+                output += chunk
+
+        read_until(b"Verify return code")
+        client.stdin.write(b"K\n")
+        client.stdin.flush()
+        read_until(b"KEYUPDATE")
+        client.stdin.write(b"GET /health HTTP/1.1\nHost: localhost\nConnection: close\n\n")
+        client.stdin.flush()
+        read_until(b'{"status":"ok"}')
+        client.stdin.close()
+        client.kill()
+    assert b"KEYUPDATE" in output
+    assert b"HTTP/1.1 200" in output, output[-2000:]
+    assert b'{"status":"ok"}' in output
+    assert proxy.next_handshake().group == NamedGroup.x25519

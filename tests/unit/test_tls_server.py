@@ -24,6 +24,8 @@ from pqproxy.tls.events import (
     PeerClosed,
     SignatureNeeded,
 )
+from pqproxy.tls.key_schedule import SUITES, next_traffic_secret
+from pqproxy.tls.record import RecordProtection
 from pqproxy.tls.server import PqPolicy, ServerConfig, ServerConnection, resolve_inline
 from tests.peers import (
     OPENSSL_GROUP_NAMES,
@@ -263,3 +265,34 @@ def test_failed_signature_is_internal_error(make_server: ServerFactory, certs: o
     client.bio_write(server.data_to_send())
     with pytest.raises(SSL.Error, match="internal error"):
         client.do_handshake()
+
+
+def test_key_update_requested_by_client_is_answered(
+    make_server: ServerFactory, certs: object
+) -> None:
+    """A KeyUpdate(update_requested) under the client's key makes the engine
+    rotate its read key and answer with its own KeyUpdate before rotating its
+    write key: the real client must then read data sent under the new key."""
+    secrets: dict[str, bytes] = {}
+    ctx = client_context(certs.ca)  # type: ignore[attr-defined]
+    ctx.set_keylog_callback(
+        lambda _conn, line: secrets.__setitem__(
+            line.split()[0].decode(), bytes.fromhex(line.split()[2].decode())
+        )
+    )
+    server = make_server()
+    client = memory_client(ctx)
+    done = _complete(pump(client, server))
+    params = SUITES[done.cipher_suite]
+    # Seal as the client would; the client's own state does not matter for the
+    # direction under test (server -> client).
+    sealer = RecordProtection(params, secrets["CLIENT_TRAFFIC_SECRET_0"])
+    server.receive_data(sealer.seal(22, b"\x18\x00\x00\x01\x01"))
+    assert resolve_inline(server) == [KeyUpdated(update_requested=True, we_updated=True)]
+    server.send_data(b"under the new key")
+    client.bio_write(server.data_to_send())
+    assert client.recv(100) == b"under the new key"
+    # And the engine now reads with the client's next secret.
+    next_secret = next_traffic_secret(params, secrets["CLIENT_TRAFFIC_SECRET_0"])
+    server.receive_data(RecordProtection(params, next_secret).seal(23, b"hello"))
+    assert resolve_inline(server) == [ApplicationData(b"hello")]
