@@ -17,15 +17,18 @@ DEMO_DIR = .demo
 DEMO_CERTS = $(DEMO_DIR)/certs
 DEMO_LISTEN = 127.0.0.1:8443
 DEMO_UPSTREAM = 127.0.0.1:8000
+# Listens on $(DEMO_LISTEN), relays to $(DEMO_UPSTREAM), certificates from $(DEMO_CERTS).
+DEMO_CONFIG = config/pqproxy.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install peers lint test demo clean distclean
+.PHONY: help venv install peers liboqs lint test demo clean distclean
 
 help:
 	@echo "make demo    run pqproxy on https://$(DEMO_LISTEN) in front of a demo upstream"
 	@echo "make test    lint (ruff, mypy --strict) and run every test"
 	@echo "make venv    create $(VENV) and install pqproxy[dev] (editable)"
 	@echo "make peers   install the interop peers (chromium, Node.js with OpenSSL 3.5, ...)"
+	@echo "make liboqs  build liboqs (ML-KEM, ML-DSA) into $(VENV)/liboqs for the liboqs backend"
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make clean   remove $(VENV), build artifacts and caches (distclean: also .cache, $(DEMO_DIR))"
 
@@ -42,7 +45,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) \
 			|| { echo "error: '$(PYTHON) -m venv' failed (on Debian: apt-get install python3-venv)" >&2; exit 1; }; \
 	fi
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,liboqs]'
 	@touch $@
 
 # Idempotent; the stamp only saves re-running the script while the peers are still there.
@@ -54,6 +57,17 @@ peers:
 		bash scripts/install-test-peers.sh && mkdir -p $(dir $(PEERS_STAMP)) && touch $(PEERS_STAMP); \
 	fi
 
+# The C library under the liboqs backend, built with cmake and ninja-build into
+# $(VENV)/liboqs, where the backend finds it (elsewhere: OQS_INSTALL_PATH). LIBOQS_SRC is a
+# tarball, a source directory or a release URL; the default is the snapshot beside the repo
+# (../shared/vendor/README.md). Idempotent: rebuilt only when the source or options change.
+LIBOQS_SRC ?= ../shared/vendor/liboqs-0.16.0-19-g8979276.tar.gz
+
+liboqs: $(STAMP)
+	@$(BIN)/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("oqs") is None)' \
+		|| $(BIN)/python -m pip install -q -e '.[dev,liboqs]'
+	LIBOQS_SRC='$(LIBOQS_SRC)' bash scripts/build-liboqs.sh $(VENV)/liboqs
+
 # --- checks -------------------------------------------------------------------------------
 
 lint: $(STAMP)
@@ -62,7 +76,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exit 5 means it collected no test at all: that is a failure, not a pass.
-test: $(STAMP) peers lint
+test: $(STAMP) peers liboqs lint
 	@rc=0; $(BIN)/python -m pytest || rc=$$?; \
 	if [ $$rc -eq 0 ]; then \
 		echo "make test: OK (lint clean, all tests passed)"; \
@@ -84,6 +98,7 @@ demo: $(STAMP)
 	@echo
 	@echo "  Try it:"
 	@echo "    curl --cacert $(DEMO_CERTS)/ca.pem https://$(DEMO_LISTEN)/v1/models"
+	@echo "    curl -N --cacert $(DEMO_CERTS)/ca.pem https://$(DEMO_LISTEN)/v1/chat/completions -d '{\"stream\":true}'"
 	@echo "  (Debian 12's curl is built on OpenSSL 3.0, which has no ML-KEM: the log shows group=x25519)"
 	@echo
 	@echo "  See the negotiated group (post-quantum: X25519MLKEM768):"
@@ -95,12 +110,12 @@ demo: $(STAMP)
 	@echo "    - Chromium/Chrome: import $(DEMO_CERTS)/ca.pem, open https://$(DEMO_LISTEN)/v1/models;"
 	@echo "      DevTools > Security (or chrome://net-internals) shows key exchange X25519MLKEM768"
 	@echo
+	@echo "  Configuration: $(DEMO_CONFIG) (reload it with: kill -HUP <pqproxy pid>)"
+	@echo
 	@$(BIN)/pqproxy demo-upstream --listen $(DEMO_UPSTREAM) & up=$$!; \
 	trap 'kill $$up 2>/dev/null; wait $$up 2>/dev/null' EXIT; \
 	trap 'exit 130' INT TERM; \
-	$(BIN)/pqproxy serve --listen $(DEMO_LISTEN) \
-		--cert $(DEMO_CERTS)/server.pem --key $(DEMO_CERTS)/server.key \
-		--upstream http://$(DEMO_UPSTREAM)
+	$(BIN)/pqproxy serve --config $(DEMO_CONFIG)
 
 # --- housekeeping -------------------------------------------------------------------------
 

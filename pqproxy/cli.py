@@ -1,12 +1,14 @@
 """The ``pqproxy`` command.
 
-    pqproxy serve --listen HOST:PORT --cert PEM --key PEM --upstream http://HOST:PORT
+    pqproxy serve --config FILE [--listen HOST:PORT] [--upstream URL]... [--workers N] ...
+    pqproxy serve --listen HOST:PORT --cert PEM --key PEM --upstream http://HOST:PORT [...]
     pqproxy gen-cert --out DIR [--key-type T] [--san NAME]... [--days N]
     pqproxy demo-upstream --listen HOST:PORT [--tokens N] [--token-interval S]
     pqproxy check-config FILE
 
-Exit status: 0 on success and after SIGTERM/SIGINT, 2 for bad arguments, 1 when something the
-arguments name cannot be used (a missing certificate, a port already taken).
+Exit status: 0 on success and after SIGTERM/SIGINT, 2 for bad arguments or configuration
+(every problem listed), 1 when something they name cannot be used (a certificate that does not
+load, a port already taken).
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .crypto.certs import CertificateLoadError, load_certified_key
 from .crypto.provider import BackendError, CryptoProvider
 from .devcert import KEY_TYPES, generate_dev_certs
-from .tls.enums import HYBRID_GROUPS, NamedGroup
-from .tls.server import DEFAULT_GROUPS, PqPolicy, ServerConfig
+from .tls.enums import NamedGroup
+from .tls.server import DEFAULT_GROUPS, PqPolicy
+
+if TYPE_CHECKING:
+    from .config import Config, ConfigError
 
 logger = logging.getLogger("pqproxy")
 
@@ -62,84 +66,6 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_upstream(value: str) -> tuple[str, int]:
-    """``http://HOST:PORT`` (the relay forwards raw bytes; TLS to the upstream comes later)."""
-    try:
-        url = urlsplit(value)
-        port = url.port
-    except ValueError as exc:
-        raise UsageError(f"--upstream {value!r}: {exc}") from None
-    if url.scheme != "http":
-        raise UsageError(f"--upstream {value!r}: only http:// upstreams are supported")
-    if not url.hostname:
-        raise UsageError(f"--upstream {value!r}: no host")
-    if url.path not in ("", "/") or url.query or url.fragment:
-        raise UsageError(f"--upstream {value!r}: a path, query or fragment is not supported")
-    return url.hostname, port if port is not None else 80
-
-
-def _group_names() -> dict[str, NamedGroup]:
-    return {member.name.lower(): member for member in NamedGroup}
-
-
-def parse_groups(value: str, supported: Sequence[int]) -> tuple[int, ...]:
-    """Comma-separated NamedGroup names, case-insensitive, in preference order."""
-    known = _group_names()
-    valid = ", ".join(NamedGroup(g).name for g in supported)
-    groups: list[int] = []
-    for raw in value.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        member = known.get(name.lower())
-        if member is None:
-            raise UsageError(f"--groups: unknown group {name!r}; valid groups: {valid}")
-        if member not in supported:
-            raise UsageError(
-                f"--groups: group {member.name} is not supported here; valid groups: {valid}"
-            )
-        if member in groups:
-            raise UsageError(f"--groups: group {member.name} is listed twice")
-        groups.append(member)
-    if not groups:
-        raise UsageError(f"--groups: no group given; valid groups: {valid}")
-    return tuple(groups)
-
-
-def parse_alpn(values: Sequence[str]) -> tuple[str, ...]:
-    protocols: list[str] = []
-    for value in values:
-        for raw in value.split(","):
-            name = raw.strip()
-            if not name:
-                continue
-            # RFC 7301 §3.1: a protocol name is 1..255 bytes; ASCII keeps logs and config sane.
-            if not name.isascii() or len(name) > 255:
-                raise UsageError(f"--alpn: {name!r} is not a valid protocol name")
-            if name not in protocols:
-                protocols.append(name)
-    return tuple(protocols)
-
-
-def check_policy(groups: Sequence[int], policy: PqPolicy) -> None:
-    hybrid = [g for g in groups if g in HYBRID_GROUPS]
-    classical = [g for g in groups if g not in HYBRID_GROUPS]
-    if policy is PqPolicy.REQUIRE and not hybrid:
-        raise UsageError("--pq-policy require: --groups lists no hybrid post-quantum group")
-    if policy is PqPolicy.OFF and not classical:
-        raise UsageError("--pq-policy off: --groups lists no classical group")
-
-
-def _positive(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
-    return number
-
-
 def _non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -174,18 +100,43 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pqproxy", description="Hybrid post-quantum TLS 1.3 reverse proxy."
-    )
-    parser.add_argument("--version", action="version", version=f"pqproxy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# Serve flags that only shape the config built from flags: with --config they belong in the
+# file, and silently ignoring them would leave an operator believing they took effect.
+_FILE_ONLY_FLAGS = {
+    "groups": "--groups",
+    "pq_policy": "--pq-policy",
+    "alpn": "--alpn",
+    "mode": "--mode",
+    "handshake_timeout": "--handshake-timeout",
+    "idle_timeout": "--idle-timeout",
+    "upstream_connect_timeout": "--upstream-connect-timeout",
+    "max_connections": "--max-connections",
+}
 
-    serve = sub.add_parser("serve", help="terminate TLS 1.3 and relay to an upstream")
-    serve.add_argument("--listen", required=True, metavar="HOST:PORT")
-    serve.add_argument("--cert", required=True, metavar="PEM", help="certificate chain, leaf first")
-    serve.add_argument("--key", required=True, metavar="PEM", help="the leaf's private key")
-    serve.add_argument("--upstream", required=True, metavar="http://HOST:PORT")
+
+def _add_serve(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="terminate TLS 1.3 and relay to an upstream",
+        description="Serve a config file (--config), or one listener described by flags. "
+        "With --config, --listen/--upstream/--cert/--key apply to the first listener and "
+        "override the file. SIGHUP reloads; SIGTERM drains.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    serve.add_argument("--listen", metavar="HOST:PORT")
+    serve.add_argument("--cert", metavar="PEM", help="certificate chain, leaf first")
+    serve.add_argument("--key", metavar="PEM", help="the leaf's private key")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        metavar="http://HOST:PORT",
+        help="an upstream server (repeatable: a pool)",
+    )
+    serve.add_argument("--workers", type=_positive_int, metavar="N", help="worker processes")
+    serve.add_argument(
+        "--admin", metavar="HOST:PORT", help="admin endpoint address, or 'off' (default: off)"
+    )
+    serve.add_argument("--mode", choices=["http", "tcp"], help="http (default) or tcp relay")
     serve.add_argument(
         "--groups",
         metavar="G1,G2,...",
@@ -193,18 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
         + ",".join(NamedGroup(g).name for g in DEFAULT_GROUPS)
         + ")",
     )
+    serve.add_argument("--pq-policy", choices=[p.value for p in PqPolicy])
     serve.add_argument(
-        "--pq-policy", choices=[p.value for p in PqPolicy], default=PqPolicy.PREFER.value
+        "--alpn", action="append", metavar="PROTO", help="e.g. http/1.1 (repeatable)"
     )
-    serve.add_argument(
-        "--alpn", action="append", default=[], metavar="PROTO", help="e.g. http/1.1 (repeatable)"
-    )
-    serve.add_argument("--handshake-timeout", type=_positive, default=10.0, metavar="S")
-    serve.add_argument("--idle-timeout", type=_positive, default=300.0, metavar="S")
-    serve.add_argument("--upstream-connect-timeout", type=_positive, default=5.0, metavar="S")
-    serve.add_argument("--max-connections", type=_positive_int, default=10000, metavar="N")
+    serve.add_argument("--handshake-timeout", metavar="DURATION", help="e.g. 10s (default 10s)")
+    serve.add_argument("--idle-timeout", metavar="DURATION", help="keep-alive idle (default 75s)")
+    serve.add_argument("--upstream-connect-timeout", metavar="DURATION", help="default 5s")
+    serve.add_argument("--max-connections", type=_positive_int, metavar="N")
     serve.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
-    _add_log_level(serve)
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: the file's logging.level, else INFO",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="default: the file's logging.format; text without --config",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pqproxy", description="Hybrid post-quantum TLS 1.3 reverse proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"pqproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_serve(sub)
 
     gen = sub.add_parser("gen-cert", help="write a development CA and server certificate")
     gen.add_argument("--out", required=True, metavar="DIR")
@@ -260,58 +229,118 @@ def _make_provider() -> CryptoProvider:
         raise StartupError(str(exc)) from None
 
 
+class _ConfigProblems(Exception):
+    """A ConfigError from the serve flags or file: every problem printed, exit status 2."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _serve_config_loader(args: argparse.Namespace) -> Callable[[], Config]:
+    """How ``serve`` gets its configuration, now and again on every SIGHUP: the file with the
+    flags over it, or the config the flags describe (re-checking that its files exist)."""
+    from dataclasses import replace
+
+    from .config import LogFormat, apply_overrides, config_from_flags, load_config
+
+    given = {name: flag for name, flag in _FILE_ONLY_FLAGS.items() if getattr(args, name)}
+    if args.config is not None and given:
+        raise UsageError(
+            f"{', '.join(given.values())}: cannot be combined with --config; set "
+            f"{'them' if len(given) > 1 else 'it'} in the file"
+        )
+    if args.config is None:
+        required = {"--listen": args.listen, "--cert": args.cert, "--key": args.key}
+        required["--upstream"] = args.upstream
+        missing = [flag for flag, value in required.items() if not value]
+        if missing:
+            raise UsageError(
+                f"without --config, {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                "required"
+            )
+
+    def load() -> Config:
+        if args.config is not None:
+            config = apply_overrides(
+                load_config(Path(args.config)),
+                listen=args.listen,
+                upstreams=args.upstream,
+                cert=Path(args.cert) if args.cert else None,
+                key=Path(args.key) if args.key else None,
+                workers=args.workers,
+                admin=args.admin,
+            )
+        else:
+            config = config_from_flags(
+                args.listen,
+                Path(args.cert),
+                Path(args.key),
+                args.upstream,
+                workers=args.workers,
+                admin=args.admin if args.admin != "off" else None,
+                mode=args.mode,
+                groups=args.groups,
+                pq_policy=args.pq_policy,
+                alpn=args.alpn,
+                handshake_timeout=args.handshake_timeout,
+                idle_timeout=args.idle_timeout,
+                upstream_connect_timeout=args.upstream_connect_timeout,
+                max_connections=args.max_connections,
+                # A person at a terminal, not a log collector: text unless asked.
+                log_format=args.log_format or "text",
+            )
+        logging_config = config.logging
+        if args.log_level is not None:
+            logging_config = replace(logging_config, level=args.log_level.lower())
+        if args.log_format is not None:
+            logging_config = replace(logging_config, format=LogFormat(args.log_format))
+        return replace(config, logging=logging_config)
+
+    return load
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .io.loop import run
-    from .io.tls_server import ListenerSettings, TLSListener, serve
-
-    listen_host, listen_port = parse_host_port(args.listen, "--listen")
-    upstream_host, upstream_port = parse_upstream(args.upstream)
-    policy = PqPolicy(args.pq_policy)
-    alpn = parse_alpn(args.alpn)
-    provider = _make_provider()
-    supported = [g for g in NamedGroup if g in provider.groups]
-    groups = parse_groups(args.groups, supported) if args.groups else DEFAULT_GROUPS
-    missing = [NamedGroup(g).name for g in groups if g not in provider.groups]
-    if missing:
-        raise StartupError(f"backend {provider.name} lacks groups: {', '.join(missing)}")
-    check_policy(groups, policy)
-    try:
-        certified = load_certified_key(args.cert, args.key)
-    except CertificateLoadError as exc:
-        raise StartupError(str(exc)) from None
-    try:
-        config = ServerConfig(
-            certificates=(certified,), groups=groups, pq_policy=policy, alpn_protocols=alpn
-        )
-    except ValueError as exc:
-        raise StartupError(f"invalid configuration: {exc}") from None
-
-    settings = ListenerSettings(
-        host=listen_host,
-        port=listen_port,
-        server_config=config,
-        provider=provider,
-        upstream_host=upstream_host,
-        upstream_port=upstream_port,
-        handshake_timeout=args.handshake_timeout,
-        idle_timeout=args.idle_timeout,
-        upstream_connect_timeout=args.upstream_connect_timeout,
-        max_connections=args.max_connections,
+    from .io.supervisor import (
+        ServeError,
+        check_servable,
+        run_supervisor,
+        run_worker,
+        setup_logging,
     )
-    offered = ",".join(NamedGroup(g).name for g in config.groups_for_policy())
 
-    def on_listening(listener: TLSListener) -> None:
-        _announce(
-            f"pqproxy listening on https://{_url_host(listen_host)}:{listener.port} "
-            f"(groups: {offered}, policy: {policy.value})"
-        )
-        logger.info("relaying to http://%s:%d", _url_host(upstream_host), upstream_port)
-
+    load = _serve_config_loader(args)
     try:
-        run(serve(settings, on_listening=on_listening), use_uvloop=not args.no_uvloop)
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+        config = load()
+    except ConfigError as exc:
+        raise _ConfigProblems(exc) from None
+    setup_logging(config.logging)
+    provider = _make_provider()
+    try:
+        check_servable(config, provider)
+        if config.workers > 1:
+            return run_supervisor(
+                config, reload=load, provider=provider, use_uvloop=not args.no_uvloop
+            )
+        run(run_worker(config, provider=provider, reload=load), use_uvloop=not args.no_uvloop)
+    except ServeError as exc:
+        raise StartupError(str(exc)) from None
     return EXIT_OK
+
+
+def _print_config_problems(command: str, error: ConfigError) -> None:
+    if len(error.problems) == 1:
+        print(f"pqproxy {command}: error: {error.problems[0]}", file=sys.stderr)
+        return
+    print(
+        f"pqproxy {command}: error: invalid configuration {error.source} "
+        f"({len(error.problems)} problems):",
+        file=sys.stderr,
+    )
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def cmd_gen_cert(args: argparse.Namespace) -> int:
@@ -380,9 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         # argparse has printed its message; --help and --version exit 0.
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level or "INFO")
     try:
         return COMMANDS[args.command](args)
+    except _ConfigProblems as exc:
+        _print_config_problems(args.command, exc.error)
+        return EXIT_USAGE
     except UsageError as exc:
         print(f"pqproxy {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

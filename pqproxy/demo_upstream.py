@@ -48,6 +48,8 @@ KEEPALIVE_TIMEOUT = 30.0
 # Bound on each read of a request in progress and on each write drain.
 IO_TIMEOUT = 30.0
 READ_SIZE = 65536
+# How long shutdown waits for connections and the listening socket to close.
+SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_TOKENS = 16
 DEFAULT_TOKEN_INTERVAL = 0.02
 # Upper bounds so a request cannot ask the demo to stream forever.
@@ -105,8 +107,10 @@ async def serve_demo_upstream(
     *,
     tokens: int = DEFAULT_TOKENS,
     token_interval: float = DEFAULT_TOKEN_INTERVAL,
+    connections: set[asyncio.Task[None]] | None = None,
 ) -> asyncio.Server:
-    """Start the demo server and return it (already serving)."""
+    """Start the demo server and return it (already serving). ``connections``, when given,
+    holds the task of every open connection, for a shutdown that ends them cleanly."""
     if not 0 <= tokens <= MAX_TOKENS:
         raise ValueError(f"tokens must be between 0 and {MAX_TOKENS}")
     if token_interval < 0:
@@ -114,7 +118,14 @@ async def serve_demo_upstream(
     options = DemoOptions(tokens=tokens, token_interval=token_interval)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_connection(reader, writer, options)
+        task = asyncio.current_task()
+        if connections is not None and task is not None:
+            connections.add(task)
+        try:
+            await _serve_connection(reader, writer, options)
+        finally:
+            if connections is not None and task is not None:
+                connections.discard(task)
 
     return await asyncio.start_server(handler, host, port, reuse_address=True)
 
@@ -128,8 +139,11 @@ async def run_demo_upstream(
     on_listening: Callable[[str, int], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (the ``demo-upstream`` subcommand)."""
+    connections: set[asyncio.Task[None]] = set()
     with ShutdownSignals() as signals:
-        server = await serve_demo_upstream(host, port, tokens=tokens, token_interval=token_interval)
+        server = await serve_demo_upstream(
+            host, port, tokens=tokens, token_interval=token_interval, connections=connections
+        )
         try:
             bound_port: int = server.sockets[0].getsockname()[1]
             if on_listening is not None:
@@ -137,15 +151,23 @@ async def run_demo_upstream(
             sig = await signals.wait()
             logger.info("received %s, stopping", sig.name)
         finally:
-            await _close_server(server)
+            await _close_server(server, connections)
 
 
-async def _close_server(server: asyncio.Server) -> None:
+async def _close_server(server: asyncio.Server, connections: set[asyncio.Task[None]]) -> None:
     server.close()
+    # Keep-alive connections (a proxy's pool holds some) would otherwise still wait for a
+    # request when the loop ends, and be destroyed mid-await.
+    for task in list(connections):
+        task.cancel()
+    if connections:
+        _done, pending = await asyncio.wait(connections, timeout=SHUTDOWN_TIMEOUT)
+        if pending:
+            logger.warning("demo upstream: %d connections still open at exit", len(pending))
     try:
-        await asyncio.wait_for(server.wait_closed(), 5.0)
+        await asyncio.wait_for(server.wait_closed(), SHUTDOWN_TIMEOUT)
     except TimeoutError:
-        logger.warning("demo upstream: connections still open at exit")
+        logger.warning("demo upstream: listening socket not closed at exit")
 
 
 async def _serve_connection(
@@ -153,6 +175,7 @@ async def _serve_connection(
 ) -> None:
     peername = writer.get_extra_info("peername")
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    cancelled = False
     try:
         while True:
             try:
@@ -171,14 +194,23 @@ async def _serve_connection(
                 return
     except (ConnectionError, TimeoutError) as exc:
         logger.debug("demo upstream peer=%s: %s", peername, exc or type(exc).__name__)
+    except asyncio.CancelledError:
+        # Shutdown: the connection just ends. Not re-raising finishes the task normally, so
+        # asyncio's stream callback has no cancelled task to report as an error.
+        logger.debug("demo upstream peer=%s: closed at shutdown", peername)
+        cancelled = True
     except Exception as exc:
         logger.error("demo upstream peer=%s: %s: %s", peername, type(exc).__name__, exc)
     finally:
-        writer.close()
-        try:
-            await asyncio.wait_for(writer.wait_closed(), IO_TIMEOUT)
-        except (ConnectionError, TimeoutError):
-            pass
+        if cancelled:
+            writer.transport.abort()
+        else:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), IO_TIMEOUT)
+            except (ConnectionError, TimeoutError, asyncio.CancelledError):
+                # Closed already; a shutdown cancelling this wait has nothing left to stop.
+                pass
 
 
 async def _next_event(
@@ -364,7 +396,8 @@ class _Completion:
             messages = request.get("messages", [])
             if not isinstance(messages, list):
                 raise _BadRequest("messages must be a list", "messages")
-            prompt: object = messages
+            # What the model reads: the contents, not the roles.
+            prompt: object = [m.get("content") for m in messages if isinstance(m, dict)]
         else:
             prompt = request.get("prompt", "")
             if not isinstance(prompt, str | list):

@@ -362,7 +362,9 @@ class HttpProxySession:
                     # EOF before a response: a stale socket if nothing came at all.
                     if reused and not got_any and not has_body:
                         raise _StaleConnection(f"upstream {conn.server.label} closed idle socket")
-                    pool.report_failure(conn.server, "closed before responding")
+                    if not body_errors:
+                        # Otherwise we closed it ourselves, over the client's bad body.
+                        pool.report_failure(conn.server, "closed before responding")
                     raise _UpstreamFailed(
                         502,
                         f"upstream {conn.server.label} closed the connection before responding",
@@ -406,8 +408,11 @@ class HttpProxySession:
                 body_task.cancel()
             raise failure
         except h11.RemoteProtocolError as exc:
-            pool.report_failure(conn.server, "malformed response")
             conn.close()
+            if body_errors:
+                # We cut the response short by closing over the client's bad body.
+                raise body_errors[0] from None
+            pool.report_failure(conn.server, "malformed response")
             raise _UpstreamFailed(
                 502,
                 f"upstream {conn.server.label} sent a malformed response: {type(exc).__name__}",

@@ -1,21 +1,30 @@
 """One suite, run against every backend in ``BACKEND_MODULES``.
 
-A backend whose library is missing is skipped with its own reason. The layouts
-below are written out from draft-ietf-tls-ecdhe-mlkem §3.1 rather than taken
-from ``pqproxy.crypto.hybrid``, so they check the implementation instead of
-restating it.
+A backend whose library is missing is skipped with its own reason (see
+conftest.py for the one that must not be). The layouts below are written out
+from draft-ietf-tls-ecdhe-mlkem §3.1, and the ML-KEM sizes from FIPS 203, rather
+than taken from ``pqproxy.crypto``, so they check the implementation instead of
+restating it. Where two backends are installed, what one produces the other
+must accept: the cross-checks at the end.
 """
 
 from __future__ import annotations
 
-import importlib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from pqproxy.crypto.backends import BACKEND_MODULES
-from pqproxy.crypto.provider import CryptoProvider, InvalidKeyShare, KxGroup, SharedSecret
+from pqproxy.crypto.provider import (
+    CryptoProvider,
+    InvalidKeyShare,
+    Kem,
+    KxGroup,
+    SharedSecret,
+)
+from tests.backends.conftest import BackendLoader
 
 
 @dataclass(frozen=True)
@@ -38,14 +47,6 @@ LAYOUTS: dict[int, tuple[tuple[Part, ...], int]] = {
 
 # (1, 1) is on none of the NIST curves.
 OFF_CURVE = {n: b"\x04" + (1).to_bytes(n // 2, "big") * 2 for n in (65, 97, 133)}
-
-
-def _load_provider(name: str) -> CryptoProvider:
-    module: Any = importlib.import_module(BACKEND_MODULES[name])
-    if not module.is_available():
-        pytest.skip(f"backend {name} unavailable: {module.unavailable_reason()}")
-    provider: CryptoProvider = module.create_provider()
-    return provider
 
 
 def _with(kind: str) -> list[int]:
@@ -80,24 +81,15 @@ def _ids(code: int) -> str:
     return f"{code:#06x}"
 
 
-@pytest.fixture(params=sorted(BACKEND_MODULES), scope="module")
-def provider(request: pytest.FixtureRequest) -> CryptoProvider:
-    return _load_provider(request.param)
-
-
 @pytest.fixture(params=sorted(LAYOUTS), ids=_ids)
 def group(request: pytest.FixtureRequest, provider: CryptoProvider) -> KxGroup:
     code: int = request.param
     return _get(provider, code)
 
 
-@pytest.mark.parametrize("name", sorted(BACKEND_MODULES))
-def test_backend_self_test_passes(name: str) -> None:
-    module: Any = importlib.import_module(BACKEND_MODULES[name])
-    if not module.is_available():
-        pytest.skip(f"backend {name} unavailable: {module.unavailable_reason()}")
-    module.self_test()
-    caps: dict[str, list[str]] = module.capabilities()
+def test_backend_self_test_passes(backend: Any) -> None:
+    backend.self_test()
+    caps: dict[str, list[str]] = backend.capabilities()
     assert "X25519MLKEM768" in caps["groups"]
 
 
@@ -221,3 +213,145 @@ def test_shared_secret_repr_hides_the_bytes(group: KxGroup) -> None:
         assert secret.hex() not in text
         assert repr(bytes(secret)) not in text
         assert f"{len(secret)} bytes" in text
+
+
+# --- ML-KEM on its own (FIPS 203) -----------------------------------------------------------
+
+# FIPS 203 Table 3 (via §8): k, encapsulation key and ciphertext lengths; secrets are 32 bytes.
+MLKEM: dict[str, tuple[int, int, int]] = {
+    "ML-KEM-512": (2, 800, 768),
+    "ML-KEM-768": (3, 1184, 1088),
+    "ML-KEM-1024": (4, 1568, 1568),
+}
+Q = 3329
+
+
+def _kems_of(module: Any) -> dict[str, Kem]:
+    kems = getattr(module, "kems", None)
+    return dict(kems()) if kems is not None else {}
+
+
+def _kem_of(module: Any, name: str) -> Kem:
+    found = _kems_of(module).get(name)
+    if found is None:
+        pytest.skip(f"backend {module.NAME} has no {name}")
+    return found
+
+
+@pytest.fixture(params=sorted(MLKEM))
+def kem(request: pytest.FixtureRequest, backend: Any) -> Kem:
+    return _kem_of(backend, request.param)
+
+
+def _coefficient(key: bytes, index: int) -> int:
+    """Coefficient ``index`` of ByteEncode12(t̂) (FIPS 203 Algorithm 5): two
+    12-bit values per three bytes, least significant bits first."""
+    b0, b1, b2 = key[3 * (index // 2) : 3 * (index // 2) + 3]
+    return (b0 | (b1 & 0x0F) << 8) if index % 2 == 0 else (b1 >> 4 | b2 << 4)
+
+
+def _set_coefficient(key: bytes, index: int, value: int) -> bytes:
+    out = bytearray(key)
+    at = 3 * (index // 2)
+    if index % 2 == 0:
+        out[at] = value & 0xFF
+        out[at + 1] = (out[at + 1] & 0xF0) | value >> 8
+    else:
+        out[at + 1] = (out[at + 1] & 0x0F) | (value & 0x0F) << 4
+        out[at + 2] = value >> 4
+    changed = bytes(out)
+    assert _coefficient(changed, index) == value
+    assert all(
+        _coefficient(changed, i) == _coefficient(key, i) for i in {0, 1, index ^ 1} - {index}
+    )
+    return changed
+
+
+def test_kem_round_trip(kem: Kem) -> None:
+    _, key_length, ciphertext_length = MLKEM[kem.name]
+    assert (kem.encapsulation_key_length, kem.ciphertext_length) == (key_length, ciphertext_length)
+    decapsulator = kem.generate()
+    assert len(decapsulator.encapsulation_key) == key_length
+    ciphertext, secret = kem.encapsulate(decapsulator.encapsulation_key)
+    # (ciphertext, secret) whatever order the library uses.
+    assert len(ciphertext) == ciphertext_length
+    assert isinstance(secret, SharedSecret) and len(secret) == 32
+    recovered = decapsulator.decapsulate(ciphertext)
+    assert isinstance(recovered, SharedSecret)
+    assert recovered == secret
+
+
+def test_kem_encapsulations_and_keys_are_fresh(kem: Kem) -> None:
+    key = kem.generate().encapsulation_key
+    (ct1, s1), (ct2, s2) = kem.encapsulate(key), kem.encapsulate(key)
+    assert ct1 != ct2 and s1 != s2
+    assert kem.generate().encapsulation_key != key
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_kem_wrong_length_key_and_ciphertext_are_invalid(kem: Kem, delta: int) -> None:
+    decapsulator = kem.generate()
+    key = decapsulator.encapsulation_key
+    ciphertext, _ = kem.encapsulate(key)
+    with pytest.raises(InvalidKeyShare):
+        kem.encapsulate(key[:delta] if delta < 0 else key + b"\x00")
+    with pytest.raises(InvalidKeyShare):
+        decapsulator.decapsulate(ciphertext[:delta] if delta < 0 else ciphertext + b"\x00")
+
+
+@pytest.mark.parametrize("where", ["first", "second", "last"])
+def test_kem_modulus_check_is_exact(kem: Kem, where: str) -> None:
+    # FIPS 203 §7.2: a key with one coefficient ≥ q is refused; q − 1 is fine.
+    k = MLKEM[kem.name][0]
+    index = {"first": 0, "second": 1, "last": 256 * k - 1}[where]
+    key = kem.generate().encapsulation_key
+    ciphertext, secret = kem.encapsulate(_set_coefficient(key, index, Q - 1))
+    assert len(ciphertext) == kem.ciphertext_length and len(secret) == 32
+    for value in (Q, 4095):
+        with pytest.raises(InvalidKeyShare):
+            kem.encapsulate(_set_coefficient(key, index, value))
+
+
+def test_kem_tampered_ciphertext_gives_another_secret(kem: Kem) -> None:
+    # FIPS 203 Algorithm 18: implicit rejection, never an error.
+    decapsulator = kem.generate()
+    ciphertext, secret = kem.encapsulate(decapsulator.encapsulation_key)
+    tampered = bytes([ciphertext[0] ^ 1]) + ciphertext[1:]
+    other = decapsulator.decapsulate(tampered)
+    assert len(other) == 32 and other != secret
+    assert decapsulator.decapsulate(tampered) == other
+
+
+# --- cross-checks between installed backends ------------------------------------------------
+
+PAIRS = list(itertools.permutations(sorted(BACKEND_MODULES), 2))
+
+
+def _pair_id(pair: tuple[str, str]) -> str:
+    return f"{pair[0]}-to-{pair[1]}"
+
+
+@pytest.mark.parametrize("name", ["ML-KEM-768", "ML-KEM-1024"])
+@pytest.mark.parametrize("pair", PAIRS, ids=_pair_id)
+def test_one_backend_encapsulates_the_other_decapsulates(
+    backend_loader: BackendLoader, pair: tuple[str, str], name: str
+) -> None:
+    sender = _kem_of(backend_loader(pair[0]), name)
+    receiver = _kem_of(backend_loader(pair[1]), name)
+    for _ in range(3):
+        decapsulator = receiver.generate()
+        ciphertext, secret = sender.encapsulate(decapsulator.encapsulation_key)
+        assert decapsulator.decapsulate(ciphertext) == secret
+
+
+@pytest.mark.parametrize("code", [0x11EC, 0x11EB, 0x11ED], ids=_ids)
+@pytest.mark.parametrize("pair", PAIRS, ids=_pair_id)
+def test_hybrid_client_on_one_backend_server_on_the_other(
+    backend_loader: BackendLoader, pair: tuple[str, str], code: int
+) -> None:
+    client_provider: CryptoProvider = backend_loader(pair[0]).create_provider()
+    server_provider: CryptoProvider = backend_loader(pair[1]).create_provider()
+    client = _get(client_provider, code).start()
+    server_share, server_secret = _get(server_provider, code).server_exchange(client.share)
+    assert client.complete(server_share) == server_secret
+    assert len(server_secret) == LAYOUTS[code][1]

@@ -12,4 +12,6 @@ from __future__ import annotations
 # modules are imported on demand by whoever picks a backend.
 BACKEND_MODULES: dict[str, str] = {
     "openssl": "pqproxy.crypto.backends.openssl",
+    "liboqs": "pqproxy.crypto.backends.liboqs",
+    "pkcs11": "pqproxy.crypto.backends.pkcs11",
 }
