@@ -26,7 +26,7 @@ DEMO_CONFIG = config/pqproxy.yaml
 help:
 	@echo "make demo    run pqproxy on https://$(DEMO_LISTEN) in front of a demo upstream"
 	@echo "make test    lint (ruff, mypy --strict) and run every test"
-	@echo "make venv    create $(VENV) and install pqproxy[dev] (editable)"
+	@echo "make venv    create $(VENV) and install pqproxy[dev,liboqs,pkcs11] (editable)"
 	@echo "make peers   install the interop peers (chromium, Node.js with OpenSSL 3.5, ...)"
 	@echo "make liboqs  build liboqs (ML-KEM, ML-DSA) into $(VENV)/liboqs for the liboqs backend"
 	@echo "make lint    ruff check, ruff format --check, mypy"
@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) \
 			|| { echo "error: '$(PYTHON) -m venv' failed (on Debian: apt-get install python3-venv)" >&2; exit 1; }; \
 	fi
-	$(BIN)/python -m pip install -q -e '.[dev,liboqs]'
+	$(BIN)/python -m pip install -q -e '.[dev,liboqs,pkcs11]'
 	@touch $@
 
 # Idempotent; the stamp only saves re-running the script while the peers are still there.
@@ -65,7 +65,7 @@ LIBOQS_SRC ?= ../shared/vendor/liboqs-0.16.0-19-g8979276.tar.gz
 
 liboqs: $(STAMP)
 	@$(BIN)/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("oqs") is None)' \
-		|| $(BIN)/python -m pip install -q -e '.[dev,liboqs]'
+		|| $(BIN)/python -m pip install -q -e '.[dev,liboqs,pkcs11]'
 	LIBOQS_SRC='$(LIBOQS_SRC)' bash scripts/build-liboqs.sh $(VENV)/liboqs
 
 # --- checks -------------------------------------------------------------------------------

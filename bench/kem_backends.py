@@ -4,7 +4,8 @@ exchange per hybrid group (what one handshake costs in key exchange).
 
     .venv/bin/python bench/kem_backends.py [--ops 2000] [--breakdown] [--handshakes 1000]
 
-Each figure is the median of 5 runs of --ops operations. --breakdown splits
+Each figure is the median of 5 runs of --ops operations, in CPU time of this
+process, the backends' runs alternating. --breakdown splits
 one ML-KEM-768 encapsulation into its layers (library call, Python wrapper,
 pqproxy's edge) to show where the time goes; --handshakes times the server
 side of whole X25519MLKEM768 handshakes against a pyOpenSSL memory-BIO client.
@@ -35,16 +36,21 @@ KEMS = ("ML-KEM-512", "ML-KEM-768", "ML-KEM-1024")
 HYBRIDS = (0x11EC, 0x11EB, 0x11ED)
 
 
-def per_second(operation: Callable[[], object], ops: int) -> float:
-    """Median over RUNS runs of ``ops`` calls, in calls per second."""
-    operation()  # first-call costs (lazy imports, caches) are not what is measured
-    rates = []
+def per_second(*operations: Callable[[], object], ops: int) -> list[float]:
+    """For each operation, the median over RUNS runs of ``ops`` calls, in calls
+    per CPU second of this process. The runs of the operations alternate, and
+    CPU time (not wall time) is counted, so that other load on the machine
+    skews neither one nor the comparison much."""
+    for operation in operations:
+        operation()  # first-call costs (lazy imports, caches) are not what is measured
+    rates: list[list[float]] = [[] for _ in operations]
     for _ in range(RUNS):
-        start = time.perf_counter()
-        for _ in range(ops):
-            operation()
-        rates.append(ops / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for operation, samples in zip(operations, rates, strict=True):
+            start = time.process_time()
+            for _ in range(ops):
+                operation()
+            samples.append(ops / (time.process_time() - start))
+    return [statistics.median(samples) for samples in rates]
 
 
 def installed_backends() -> dict[str, Any]:
@@ -70,20 +76,24 @@ def kem_table(backends: dict[str, Any], ops: int) -> None:
     print(header)
     for kem_name in KEMS:
         for operation in ("keygen", "encaps", "decaps"):
-            rates: list[float | None] = []
+            calls: list[Callable[[], object]] = []
+            present: list[bool] = []
             for module in backends.values():
                 kem = module.kems().get(kem_name)
+                present.append(kem is not None)
                 if kem is None:
-                    rates.append(None)
                     continue
                 key = kem.generate()
                 ciphertext, _ = kem.encapsulate(key.encapsulation_key)
-                call: Callable[[], object] = {
-                    "keygen": kem.generate,
-                    "encaps": lambda kem=kem, ek=key.encapsulation_key: kem.encapsulate(ek),
-                    "decaps": lambda key=key, ct=ciphertext: key.decapsulate(ct),
-                }[operation]
-                rates.append(per_second(call, ops))
+                calls.append(
+                    {
+                        "keygen": kem.generate,
+                        "encaps": lambda kem=kem, ek=key.encapsulation_key: kem.encapsulate(ek),
+                        "decaps": lambda key=key, ct=ciphertext: key.decapsulate(ct),
+                    }[operation]
+                )
+            measured = iter(per_second(*calls, ops=ops))
+            rates = [next(measured) if here else None for here in present]
             cells = "".join(f"{r:>16,.0f}" if r else f"{'-':>16}" for r in rates)
             ratio = ""
             if len(rates) == 2 and rates[0] and rates[1]:
@@ -95,12 +105,12 @@ def hybrid_table(backends: dict[str, Any], ops: int) -> None:
     names = list(backends)
     print(f"{'group':<20} {'server_exchange':<16}" + "".join(f"{n + ' µs':>14}" for n in names))
     for code in HYBRIDS:
-        cells = ""
+        calls: list[Callable[[], object]] = []
         for module in backends.values():
             group = module.create_provider().groups[code]
             share = group.start().share
-            rate = per_second(lambda group=group, share=share: group.server_exchange(share), ops)
-            cells += f"{1e6 / rate:>14.1f}"
+            calls.append(lambda group=group, share=share: group.server_exchange(share))
+        cells = "".join(f"{1e6 / rate:>14.1f}" for rate in per_second(*calls, ops=ops))
         print(f"{group_name(code):<20} {'':<16}{cells}")
 
 
@@ -150,8 +160,9 @@ def breakdown(backends: dict[str, Any], ops: int) -> None:
             ("pure-Python FIPS 203 §7.2 modulus check", lambda: modulus_check(ek2)),
         ]
     print(f"{'ML-KEM-768 encapsulation, layer by layer':<52}{'µs/call':>10}")
-    for label, call in rows:
-        print(f"{label:<52}{1e6 / per_second(call, ops):>10.2f}")
+    rates = per_second(*(call for _, call in rows), ops=ops)
+    for (label, _), rate in zip(rows, rates, strict=True):
+        print(f"{label:<52}{1e6 / rate:>10.2f}")
 
 
 def handshakes(backends: dict[str, Any], count: int) -> None:
@@ -196,15 +207,18 @@ def handshakes(backends: dict[str, Any], count: int) -> None:
             return cpu
 
         print(f"{'X25519MLKEM768 handshake, server CPU':<40}{'µs':>10}")
-        for name, module in backends.items():
-            provider = module.create_provider()
+        providers = {name: module.create_provider() for name, module in backends.items()}
+        for provider in providers.values():
             for _ in range(50):
                 one(provider)
-            per_batch = max(1, count // RUNS)
-            batches = [
-                sum(one(provider) for _ in range(per_batch)) / per_batch * 1e6 for _ in range(RUNS)
-            ]
-            print(f"{name:<40}{statistics.median(batches):>10.1f}")
+        per_batch = max(1, count // RUNS)
+        batches: dict[str, list[float]] = {name: [] for name in providers}
+        for _ in range(RUNS):
+            for name, provider in providers.items():
+                total = sum(one(provider) for _ in range(per_batch))
+                batches[name].append(total / per_batch * 1e6)
+        for name, samples in batches.items():
+            print(f"{name:<40}{statistics.median(samples):>10.1f}")
 
 
 def main() -> None:

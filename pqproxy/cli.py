@@ -134,7 +134,9 @@ def _add_serve(sub: Any) -> None:
     )
     serve.add_argument("--workers", type=_positive_int, metavar="N", help="worker processes")
     serve.add_argument(
-        "--admin", metavar="HOST:PORT", help="admin endpoint address, or 'off' (default: off)"
+        "--admin",
+        metavar="HOST:PORT",
+        help="admin endpoint address, or 'off' (default: the file's; off without --config)",
     )
     serve.add_argument("--mode", choices=["http", "tcp"], help="http (default) or tcp relay")
     serve.add_argument(

@@ -116,7 +116,9 @@ def _add_common(parser: argparse.ArgumentParser, *, default_concurrency: int) ->
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bench`` (with ``handshake`` and ``request``) to an argparse subparsers object.
     The chosen subcommand's function is ``args.bench_func``; ``run(args)`` calls it."""
-    bench = subparsers.add_parser("bench", help="load-test a TLS server or the proxy path")
+    bench: argparse.ArgumentParser = subparsers.add_parser(
+        "bench", help="load-test a TLS server or the proxy path"
+    )
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
 
     hs = sub.add_parser(

@@ -315,7 +315,7 @@ class _Attempt(asyncio.Protocol):
             self._finish()
         elif self._phase == "handshake":
             what = f"{type(exc).__name__}" if exc is not None else "closed"
-            if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+            if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
                 what = errno.errorcode[exc.errno]
             self._fail(f"connection lost during the handshake: {what}")
         if self._timer is not None:
@@ -753,4 +753,3 @@ def overhead(groups: dict[str, Any]) -> list[dict[str, Any]]:
         entry["bytes_per_handshake_ratio"] = h_bytes / c_bytes if c_bytes else None
         pairs.append(entry)
     return pairs
-

@@ -21,7 +21,7 @@ import os
 import queue
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
@@ -206,7 +206,7 @@ def run_pool(
 
 
 def _supervise(
-    processes: list[multiprocessing.process.BaseProcess],
+    processes: Sequence[multiprocessing.process.BaseProcess],
     slots: tuple[int, ...],
     messages: multiprocessing.Queue[tuple[Any, ...]],
     counters: Any,
@@ -257,7 +257,7 @@ def _supervise(
 
 def _next_message(
     messages: multiprocessing.Queue[tuple[Any, ...]],
-    processes: list[multiprocessing.process.BaseProcess],
+    processes: Sequence[multiprocessing.process.BaseProcess],
     deadline: float,
     what: str,
 ) -> tuple[Any, ...]:
@@ -272,7 +272,7 @@ def _next_message(
 
 
 def _check_alive(
-    processes: list[multiprocessing.process.BaseProcess], reported: dict[int, WorkerReport]
+    processes: Sequence[multiprocessing.process.BaseProcess], reported: dict[int, WorkerReport]
 ) -> None:
     for index, process in enumerate(processes):
         if index not in reported and not process.is_alive() and process.exitcode not in (0, None):

@@ -109,13 +109,13 @@ def raise_nofile_limit() -> int:
 
 class ServerProcess:
     """A server started as a subprocess, its stderr read on a thread (so the pipe never
-    fills), waited for until it prints the line that says where it listens."""
+    fills), waited for until it prints the line that says where it listens (``ready``)."""
 
     def __init__(
         self,
         argv: Sequence[str],
         *,
-        ready: str,
+        ready: str | None,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         timeout: float = STARTUP_TIMEOUT,
@@ -137,7 +137,15 @@ class ServerProcess:
         self._eof = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.match = self.wait_for(ready, timeout)
+        # None: the server prints nothing when ready; the caller checks readiness itself.
+        self._match = self.wait_for(ready, timeout) if ready is not None else None
+
+    @property
+    def match(self) -> re.Match[str]:
+        """The ready line's match (its groups say where the server listens)."""
+        if self._match is None:
+            raise RuntimeError(f"{self.argv[0]} was started without a ready line")
+        return self._match
 
     @property
     def pid(self) -> int:

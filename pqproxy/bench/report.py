@@ -195,8 +195,10 @@ REQUEST_FIELDS: dict[str, str] = {
 
 # Maps whose keys the run chooses: their values are documented once, under "*".
 _NAMED_MAPS = frozenset({"groups", "paths"})
-# Maps documented as a whole.
-_LEAF_MAPS = frozenset({"errors_by_reason", "negotiated"})
+# Maps documented as a whole: counts by key, and the summaries (keys of ``summarize``).
+_LEAF_MAPS = frozenset(
+    {"errors_by_reason", "negotiated", "latency_ms", "connect_ms", "ttfb_ms", "ttft_ms", "total_ms"}
+)
 
 
 def field_paths(document: dict[str, Any], prefix: str = "") -> set[str]:
@@ -243,8 +245,12 @@ def _signed(value: float | None, unit: str = "", digits: int = 2) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
-                       enumerate(zip(header, widths, strict=True)))]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
     for row in rows:
         lines.append(
             "  ".join(
@@ -277,8 +283,19 @@ def handshake_table(result: dict[str, Any]) -> str:
         + (f"  {' '.join(extras)}" if extras else ""),
         "",
     ]
-    header = ["group", "ok", "errors", "HRR", "hs/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-              "bytes/hs", "negotiated"]
+    header = [
+        "group",
+        "ok",
+        "errors",
+        "HRR",
+        "hs/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "bytes/hs",
+        "negotiated",
+    ]
     rows = []
     for name, group in result["groups"].items():
         latency = group["latency_ms"]
@@ -345,8 +362,18 @@ def request_table(result: dict[str, Any]) -> str:
         f"{options['concurrency']} requests  {span}  {conn}",
         "",
     ]
-    header = ["path", "ok", "errors", "req/s", "TTFB p50", "TTFT p50", "TTFT p99",
-              "total p50", "total p99", "connect p50"]
+    header = [
+        "path",
+        "ok",
+        "errors",
+        "req/s",
+        "TTFB p50",
+        "TTFT p50",
+        "TTFT p99",
+        "total p50",
+        "total p99",
+        "connect p50",
+    ]
     rows = []
     for name, path in result["paths"].items():
         rows.append(
@@ -447,8 +474,9 @@ def plot_handshake(result: dict[str, Any], path: str | Path) -> None:
             cdf.plot(points, fractions, label=f"{name} (p50 {group['latency_ms']['p50']:.2f} ms)")
         line = group["timeline_per_s"]
         times = [(i + 0.5) * line["bucket_seconds"] for i in range(len(line["per_s"]))]
-        rate.plot(times, line["per_s"], label=f"{name} ({group['handshakes_per_s']:.0f}/s "
-                  "if alone)")
+        rate.plot(
+            times, line["per_s"], label=f"{name} ({group['handshakes_per_s']:.0f}/s if alone)"
+        )
     cdf.set_xlabel("handshake latency (ms, TCP connect to handshake complete)")
     cdf.set_ylabel("fraction of handshakes")
     cdf.set_ylim(0, 1)
@@ -488,8 +516,10 @@ def plot_request(result: dict[str, Any], path: str | Path) -> None:
         axis.set_ylabel(f"{label} (ms)")
         axis.grid(True, axis="y", alpha=0.3)
         axis.legend()
-    fig.suptitle(f"pqproxy bench request: {result['options']['method']} "
-                 f"{result['options']['path']} via {result['proxy']}")
+    fig.suptitle(
+        f"pqproxy bench request: {result['options']['method']} "
+        f"{result['options']['path']} via {result['proxy']}"
+    )
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)

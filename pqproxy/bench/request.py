@@ -123,7 +123,7 @@ class RequestOptions:
 
 
 @dataclass(frozen=True)
-class _Path:
+class BenchPath:
     name: str
     description: str
     host: str
@@ -131,11 +131,11 @@ class _Path:
     group: str | None  # None: plain HTTP
 
 
-def paths_of(options: RequestOptions) -> list[_Path]:
+def paths_of(options: RequestOptions) -> list[BenchPath]:
     paths = []
     if options.upstream_host is not None and options.upstream_port is not None:
         paths.append(
-            _Path(
+            BenchPath(
                 "direct",
                 "plain HTTP straight to the upstream",
                 options.upstream_host,
@@ -145,7 +145,7 @@ def paths_of(options: RequestOptions) -> list[_Path]:
         )
     for group in options.groups:
         paths.append(
-            _Path(
+            BenchPath(
                 f"proxy-{group}",
                 f"HTTPS via the proxy, the client offering only {group}",
                 options.proxy_host,
@@ -159,13 +159,13 @@ def paths_of(options: RequestOptions) -> list[_Path]:
 # --- one HTTP connection ----------------------------------------------------------------------
 
 
-class _RequestFailed(Exception):
+class RequestFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-class _HttpConnection:
+class HttpConnection:
     """HTTP/1.1 over a TCP stream, with pyOpenSSL through memory BIOs when ``tls`` is set."""
 
     def __init__(
@@ -181,13 +181,26 @@ class _HttpConnection:
 
     @classmethod
     async def open(
-        cls, path: _Path, address: str, ctx: SSL.Context | None, options: RequestOptions
-    ) -> tuple[_HttpConnection, str | None]:
-        """Connect (and handshake); returns the connection and the group negotiated."""
+        cls,
+        path: BenchPath,
+        address: str,
+        ctx: SSL.Context | None,
+        options: RequestOptions,
+        *,
+        local_host: str | None = None,
+    ) -> tuple[HttpConnection, str | None]:
+        """Connect (and handshake); returns the connection and the group negotiated.
+        ``local_host``: the source address (127.0.0.x spreads many connections over more
+        than one address's ephemeral ports)."""
         try:
-            reader, writer = await asyncio.open_connection(address, path.port, limit=READ_SIZE)
+            reader, writer = await asyncio.open_connection(
+                address,
+                path.port,
+                limit=READ_SIZE,
+                local_addr=(local_host, 0) if local_host is not None else None,
+            )
         except OSError as exc:
-            raise _RequestFailed(f"connect: {errno.errorcode.get(exc.errno or 0, exc)}") from None
+            raise RequestFailed(f"connect: {errno.errorcode.get(exc.errno or 0, exc)}") from None
         if ctx is None:
             return cls(reader, writer, None), None
         tls = SSL.Connection(ctx, None)
@@ -206,12 +219,12 @@ class _HttpConnection:
                 pass
             except SSL.Error as exc:
                 conn.close()
-                raise _RequestFailed(tls_error_reason(exc)) from None
+                raise RequestFailed(tls_error_reason(exc)) from None
             await conn._flush()
             data = await reader.read(READ_SIZE)
             if not data:
                 conn.close()
-                raise _RequestFailed("eof: the proxy closed the connection during the handshake")
+                raise RequestFailed("eof: the proxy closed the connection during the handshake")
             tls.bio_write(data)
         await conn._flush()
         return conn, canonical_group(tls.get_group_name() or "?")
@@ -242,7 +255,7 @@ class _HttpConnection:
             except SSL.ZeroReturnError:
                 return b""
             except SSL.Error as exc:
-                raise _RequestFailed(tls_error_reason(exc)) from None
+                raise RequestFailed(tls_error_reason(exc)) from None
             await self._flush()  # a KeyUpdate answer, if the server asked for one
             data = await self.reader.read(READ_SIZE)
             if not data:
@@ -260,16 +273,16 @@ class _HttpConnection:
 
 
 @dataclass
-class _Timing:
+class Timing:
     ttfb: float
     ttft: float | None
     total: float
     size: int
 
 
-async def _exchange(
-    conn: _HttpConnection, request: list[h11.Event], started: float, stream: bool
-) -> _Timing:
+async def exchange(
+    conn: HttpConnection, request: list[h11.Event], started: float, stream: bool
+) -> Timing:
     """Send one request and read its response to the end; times from ``started``."""
     http = conn.http
     await conn.send(b"".join(http.send(event) or b"" for event in request))
@@ -282,7 +295,7 @@ async def _exchange(
         try:
             event = http.next_event()
         except h11.RemoteProtocolError as exc:
-            raise _RequestFailed(f"http: malformed response ({exc})") from None
+            raise RequestFailed(f"http: malformed response ({exc})") from None
         if event is h11.NEED_DATA:
             data = await conn.recv()
             if ttfb is None and data:
@@ -302,11 +315,11 @@ async def _exchange(
             total = time.perf_counter() - started
             break
         elif isinstance(event, h11.ConnectionClosed):
-            raise _RequestFailed("eof: the connection closed before the response ended")
+            raise RequestFailed("eof: the connection closed before the response ended")
     if not 200 <= status < 300:
-        raise _RequestFailed(f"http {status}")
+        raise RequestFailed(f"http {status}")
     assert ttfb is not None
-    return _Timing(ttfb=ttfb, ttft=ttft, total=total, size=size)
+    return Timing(ttfb=ttfb, ttft=ttft, total=total, size=size)
 
 
 # --- a worker process -------------------------------------------------------------------------
@@ -338,7 +351,7 @@ def _worker(context: WorkerContext, options: RequestOptions) -> dict[str, Any]:
     return {"paths": [_payload(r) for r in records]}
 
 
-def _request_events(options: RequestOptions, path: _Path) -> list[h11.Event]:
+def request_events(options: RequestOptions, path: BenchPath) -> list[h11.Event]:
     body = options.request_body()
     headers = [
         ("host", f"{path.host}:{path.port}"),
@@ -347,8 +360,9 @@ def _request_events(options: RequestOptions, path: _Path) -> list[h11.Event]:
     ]
     if body or options.method not in ("GET", "HEAD"):
         headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
-    events: list[h11.Event] = [h11.Request(method=options.method, target=options.path,
-                                           headers=headers)]
+    events: list[h11.Event] = [
+        h11.Request(method=options.method, target=options.path, headers=headers)
+    ]
     if body:
         events.append(h11.Data(data=body))
     events.append(h11.EndOfMessage())
@@ -358,17 +372,17 @@ def _request_events(options: RequestOptions, path: _Path) -> list[h11.Event]:
 async def _worker_main(
     context: WorkerContext,
     options: RequestOptions,
-    paths: list[_Path],
+    paths: list[BenchPath],
     contexts: list[SSL.Context | None],
     addresses: list[str],
     records: list[_PathRecord],
 ) -> None:
     count = len(paths)
 
-    async def connect(i: int) -> _HttpConnection:
+    async def connect(i: int) -> HttpConnection:
         started = time.perf_counter()
         conn, group = await asyncio.wait_for(
-            _HttpConnection.open(paths[i], addresses[i], contexts[i], options), options.timeout
+            HttpConnection.open(paths[i], addresses[i], contexts[i], options), options.timeout
         )
         records[i].connect.append(time.perf_counter() - started)
         if group is not None:
@@ -376,7 +390,7 @@ async def _worker_main(
         return conn
 
     # Keep-alive: every slot holds one connection per path, opened before the clock starts.
-    held: list[list[_HttpConnection | None]] = [[None] * count for _ in range(context.slots)]
+    held: list[list[HttpConnection | None]] = [[None] * count for _ in range(context.slots)]
     if not options.new_connections:
         for slot_conns in held:
             for i in range(count):
@@ -396,10 +410,10 @@ async def _worker_main(
             if conn is None:
                 conn = await connect(i)
             timing = await asyncio.wait_for(
-                _exchange(conn, _request_events(options, paths[i]), started, options.stream),
+                exchange(conn, request_events(options, paths[i]), started, options.stream),
                 options.timeout,
             )
-        except _RequestFailed as exc:
+        except RequestFailed as exc:
             record.errors[exc.reason] += 1
             _drop(held, slot, i, conn)
             context.record(False)
@@ -442,7 +456,7 @@ async def _worker_main(
 
 
 def _drop(
-    held: list[list[_HttpConnection | None]], slot: int, i: int, conn: _HttpConnection | None
+    held: list[list[HttpConnection | None]], slot: int, i: int, conn: HttpConnection | None
 ) -> None:
     if conn is not None:
         conn.close()
@@ -526,9 +540,7 @@ def build_report(
     busy = client_cpu / client_wall if client_wall else 0.0
     warnings = []
     if busy > CLIENT_BUSY_WARNING:
-        warnings.append(
-            f"the client processes were {busy:.0%} busy: the client may be the limit"
-        )
+        warnings.append(f"the client processes were {busy:.0%} busy: the client may be the limit")
     for name, path in out_paths.items():
         asked = name.removeprefix("proxy-")
         if name.startswith("proxy-") and set(path["negotiated"]) - {asked}:

@@ -394,7 +394,7 @@ class _Server:
     def active_connections(self) -> int:
         return sum(listener.active_connections for listener in self.listeners)
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         """SIGHUP: read the configuration again and swap it in, or refuse and keep the old."""
         old = self.runtime
         try:
@@ -411,6 +411,14 @@ class _Server:
             # A reload must never take a serving process down.
             logger.error("reload refused: %s: %s", type(exc).__name__, exc)
             return
+        for name, pool in runtime.pools.items():
+            if old.pools.get(name) is not pool:
+                try:
+                    await pool.start()
+                except Exception as exc:
+                    logger.error("reload refused: pool %s: %s: %s", name, type(exc).__name__, exc)
+                    await self._close_new_pools(runtime, old)
+                    return
         loop = asyncio.get_running_loop()
         by_name = {listener.name: i for i, listener in enumerate(config.listeners)}
         for index, listener in enumerate(self.listeners):
@@ -424,9 +432,6 @@ class _Server:
             config,
             listeners=tuple(config.listeners[by_name[lc.name]] for lc in old.config.listeners),
         )
-        for name, pool in runtime.pools.items():
-            if old.pools.get(name) is not pool:
-                loop.create_task(self._start_pool(pool))
         for name, pool in old.pools.items():
             if runtime.pools.get(name) is not pool:
                 task = loop.create_task(self._retire(pool, config.drain_timeout))
@@ -437,11 +442,11 @@ class _Server:
         logging.getLogger("pqproxy.access").disabled = not config.logging.access_log
         logger.info("reloaded configuration from %s", config.source)
 
-    async def _start_pool(self, pool: UpstreamPool) -> None:
-        try:
-            await pool.start()
-        except Exception as exc:
-            logger.error("pool %s: start failed: %s: %s", pool.name, type(exc).__name__, exc)
+    @staticmethod
+    async def _close_new_pools(runtime: Runtime, old: Runtime) -> None:
+        for name, pool in runtime.pools.items():
+            if old.pools.get(name) is not pool:
+                await pool.close()
 
     async def _retire(self, pool: UpstreamPool, after: float) -> None:
         # Closing a pool leaves the connections checked out of it alone (they close when
@@ -492,8 +497,8 @@ class _Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await drain
             await asyncio.gather(*(listener.close() for listener in self.listeners))
-            break
-        error = drain.exception() if drain.done() and not drain.cancelled() else None
+            return
+        error = drain.exception()
         if error is not None:
             logger.error("drain failed: %s: %s", type(error).__name__, error)
             await asyncio.gather(*(listener.close() for listener in self.listeners))
@@ -550,7 +555,7 @@ async def run_worker(
             while True:
                 sig = await caught.wait()
                 if sig is signal.SIGHUP:
-                    server.reload()
+                    await server.reload()
                     continue
                 await server.drain(caught, sig)
                 break

@@ -5,6 +5,8 @@ a running SSE stream (or refusing a bad configuration), SIGTERM draining a runni
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pqproxy.demo_upstream import DEFAULT_TOKENS
 from tests.e2e.processes import (
     WAIT,
     Certs,
@@ -26,6 +29,7 @@ from tests.e2e.processes import (
     install_certs,
     start_demo_upstream,
     start_serve,
+    tls_context,
     write_config,
 )
 
@@ -280,3 +284,50 @@ def test_sigterm_drains_a_running_stream(
         assert len(chunk_text(all_events)) == STREAM_TOKENS
         # Exits by itself once the stream is over, long before the drain deadline.
         assert_clean_exit(serve)
+
+
+def completion_words(conn: http.client.HTTPSConnection) -> int:
+    """Words in a text completion without max_tokens: the upstream's own --tokens (the module's
+    upstream runs with the default, DEFAULT_TOKENS)."""
+    conn.request(
+        "POST", "/v1/completions", json.dumps({"prompt": "hi"}), {"Connection": "keep-alive"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    return len(json.loads(response.read())["choices"][0]["text"].split())
+
+
+def test_sighup_moves_new_connections_to_a_new_upstream(
+    tmp_path: Path, served_certs: Certs, upstream_port: int
+) -> None:
+    other, other_port = start_demo_upstream("--tokens", "3")
+    try:
+        config = write_config(
+            tmp_path / "pqproxy.yaml", certs=served_certs, upstream_port=upstream_port
+        )
+        with serving(config) as serve:
+            before = http.client.HTTPSConnection(
+                "127.0.0.1", serve.port, context=tls_context(served_certs.ca), timeout=WAIT
+            )
+            try:
+                assert completion_words(before) == DEFAULT_TOKENS
+                write_config(config, certs=served_certs, upstream_port=other_port)
+                mark = serve.proc.mark()
+                serve.proc.signal(signal.SIGHUP)
+                serve.proc.wait_for_line(r"reloaded configuration from ", WAIT, after=mark)
+                # A new connection relays to the new pool...
+                after = http.client.HTTPSConnection(
+                    "127.0.0.1", serve.port, context=tls_context(served_certs.ca), timeout=WAIT
+                )
+                try:
+                    assert completion_words(after) == 3
+                finally:
+                    after.close()
+                # ...while a keep-alive connection from before the reload keeps working on its
+                # own (old) pool: nothing established is dropped.
+                assert completion_words(before) == DEFAULT_TOKENS
+            finally:
+                before.close()
+            stop(serve)
+    finally:
+        assert other.stop() == 0

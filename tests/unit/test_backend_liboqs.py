@@ -121,9 +121,9 @@ def test_missing_library_is_reported_without_any_install_attempt(
 ) -> None:
     result = _run_child(
         """
-        start = time.perf_counter()
         import pqproxy.crypto.backends.liboqs as backend
         imported_at_import = "oqs" in sys.modules
+        start = time.perf_counter()
         available = backend.is_available()
         elapsed = time.perf_counter() - start
         refusals = []

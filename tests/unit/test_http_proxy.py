@@ -7,8 +7,10 @@ a handler per test, so each test controls what the upstream answers and when, an
 received.
 
 No sleeps stand in for synchronisation: the test and its upstream hand off through
-``asyncio.Event`` and queues, and every wait is bounded by ``WAIT``. The one timing assertion
-(events are not coalesced) keeps a wide margin.
+``asyncio.Event`` and queues, and every wait is bounded by ``WAIT``. The clock matters only where
+it is the subject: the timeouts the tests provoke (0.3 s deadlines, awaited with a bound), the
+ejection window, and the one timing assertion (token events are not coalesced), which keeps a
+wide margin.
 """
 
 from __future__ import annotations
@@ -831,7 +833,9 @@ async def test_slow_client_stops_the_proxy_reading_the_upstream(
 async def test_demo_token_stream_is_not_coalesced(
     make_proxy: ProxyFactory, connect: Connect
 ) -> None:
-    interval, tokens = 0.05, 6
+    # 0.1 s: a loaded machine (measured: three busy processes on two cores) delays a read by
+    # up to ~30 ms, which 0.05 s with a 0.025 s floor did not absorb.
+    interval, tokens = 0.1, 6
     demo = await serve_demo_upstream("127.0.0.1", 0, tokens=tokens, token_interval=interval)
     try:
         proxy = await make_proxy(demo.sockets[0].getsockname()[1])
@@ -869,6 +873,7 @@ async def test_demo_token_stream_is_not_coalesced(
         assert text == "post quantum hello from the pqproxy"
         # Each token left the upstream `interval` after the one before; through the proxy
         # they must still arrive apart (half the interval is a generous margin for jitter).
+        # A proxy that held the stream, or pairs of events, would show gaps near zero.
         gaps = [b[0] - a[0] for a, b in zip(events[:tokens], events[1:tokens], strict=False)]
         assert len(gaps) == tokens - 1
         assert min(gaps) >= interval / 2, gaps
@@ -1159,6 +1164,40 @@ async def test_stream_cut_upstream_side_reaches_client_as_incomplete(
     assert client.eof
 
 
+async def test_client_leaving_mid_stream_closes_the_upstream_connection(
+    make_proxy: ProxyFactory, make_upstream: UpstreamFactory, connect: Connect
+) -> None:
+    """A client that goes away mid-stream must stop the generation it asked for: the proxy
+    closes that upstream connection instead of reading the rest of the tokens for nobody."""
+    upstream_saw_close = asyncio.Event()
+
+    async def handler(ex: Exchange) -> None:
+        await ex.read_body()
+        await ex.send(
+            h11.Response(status_code=200, headers=[(b"content-type", b"text/event-stream")]),
+            h11.Data(data=b"data: event-1\n\n"),
+        )
+        # The model server would go on generating; it learns the request is gone from the
+        # connection alone.
+        assert await within(ex.reader.read(1)) == b""
+        upstream_saw_close.set()
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(upstream.port)
+    client = await connect(proxy.port)
+    await client.send(http_request("POST", "/v1/chat/completions", body=b"{}"))
+    assert isinstance(await client.next_event(), h11.Response)
+    assert isinstance(await client.next_event(), h11.Data)
+    # Gone without a close_notify: a crashed client, or a network path that died.
+    client.writer.transport.abort()
+    await within(upstream_saw_close.wait())
+    server = proxy.pool.servers[0]
+    closed = await within(proxy.closed.get())
+    assert closed.handshake_complete
+    assert server.outstanding == 0
+    assert server.consecutive_fails == 0
+
+
 async def test_upstream_closing_idle_keep_alive_is_retried_on_a_new_connection(
     make_proxy: ProxyFactory, make_upstream: UpstreamFactory, connect: Connect
 ) -> None:
@@ -1269,7 +1308,7 @@ async def test_failing_server_is_ejected_and_returns_on_probation(
     bad = await make_upstream(flaky)
     good = await make_upstream()
     proxy = await make_proxy(
-        bad.port, good.port, balance="round_robin", max_fails=2, ejection_time=0.3
+        bad.port, good.port, balance="round_robin", max_fails=2, ejection_time=0.5
     )
     bad_server, _good_server = proxy.pool.servers
     client = await connect(proxy.port)
@@ -1281,7 +1320,7 @@ async def test_failing_server_is_ejected_and_returns_on_probation(
     assert len(bad.served()) == 2 and len(good.served()) == 1
 
     # Everything goes to the healthy one while the ejection lasts. (Checked right after the
-    # ejection; the 0.3 s window is far longer than these four local requests.)
+    # ejection; the 0.5 s window is far longer than these four local requests.)
     for i in range(4):
         response = await send_and_record(client, f"/e{i}")
         assert response.status == 200 and response.json()["port"] == good.port

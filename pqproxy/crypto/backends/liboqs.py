@@ -152,31 +152,23 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-@functools.cache
-def _load() -> _Loaded | str:
-    """liboqs-python with its library loaded, or why not. Never raises, never
-    downloads, never builds."""
-    try:
-        # Already imported by someone else: its library is loaded, nothing to probe.
-        imported = sys.modules.get("oqs") is not None
-        if not imported and importlib.util.find_spec("oqs") is None:
-            return f"liboqs-python is not installed: {PIP_HINT}"
-        install_dir, set_install_path = _install_dir(os.environ)
-        if not imported:
-            candidates = _candidates(install_dir)
-            if _first_loadable(candidates) is None:
-                return f"{NOT_FOUND} (tried {', '.join(candidates) or 'nothing'}); {INSTALL_HINT}"
-        oqs = _import_oqs(install_dir, set_install_path)
-        loaded = _Loaded(
-            oqs=oqs,
-            library=str(oqs.native()._name),
-            version=str(oqs.oqs_version()),
-            python_version=str(oqs.oqs_python_version() or "unknown"),
-        )
-    except (Exception, SystemExit) as exc:
-        # SystemExit: liboqs-python's answer to a failed load. The probe above
-        # should make this unreachable; if it is reached, report, never exit.
-        return f"liboqs-python failed to load liboqs ({type(exc).__name__}: {exc})"
+def _probe() -> _Loaded | str:
+    # Already imported by someone else: its library is loaded, nothing to probe.
+    imported = sys.modules.get("oqs") is not None
+    if not imported and importlib.util.find_spec("oqs") is None:
+        return f"liboqs-python is not installed: {PIP_HINT}"
+    install_dir, set_install_path = _install_dir(os.environ)
+    if not imported:
+        candidates = _candidates(install_dir)
+        if _first_loadable(candidates) is None:
+            return f"{NOT_FOUND} (tried {', '.join(candidates) or 'nothing'}); {INSTALL_HINT}"
+    oqs = _import_oqs(install_dir, set_install_path)
+    loaded = _Loaded(
+        oqs=oqs,
+        library=str(oqs.native()._name),
+        version=str(oqs.oqs_version()),
+        python_version=str(oqs.oqs_python_version() or "unknown"),
+    )
     # liboqs-python mirrors liboqs's C structs (OQS_KEM) field by field; a
     # library from another release may lay them out differently.
     if _major_minor(loaded.version) != _major_minor(loaded.python_version):
@@ -184,7 +176,7 @@ def _load() -> _Loaded | str:
             f"liboqs {loaded.version} at {loaded.library} does not match liboqs-python "
             f"{loaded.python_version}; {INSTALL_HINT}"
         )
-    enabled = set(loaded.oqs.get_enabled_kem_mechanisms())
+    enabled = set(oqs.get_enabled_kem_mechanisms())
     missing = [name for name in _REQUIRED_KEMS if name not in enabled]
     if missing:
         return (
@@ -192,6 +184,18 @@ def _load() -> _Loaded | str:
             f"{INSTALL_HINT}"
         )
     return loaded
+
+
+@functools.cache
+def _load() -> _Loaded | str:
+    """liboqs-python with its library loaded, or why not. Never raises, never
+    downloads, never builds."""
+    try:
+        return _probe()
+    except (Exception, SystemExit) as exc:
+        # SystemExit: liboqs-python's answer to a failed load. The probe makes
+        # it unreachable; if it is reached anyway, report it, never exit.
+        return f"liboqs-python failed to load liboqs ({type(exc).__name__}: {exc})"
 
 
 def unavailable_reason() -> str | None:
