@@ -331,3 +331,38 @@ def test_sighup_moves_new_connections_to_a_new_upstream(
             stop(serve)
     finally:
         assert other.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_second_sigterm_closes_at_once(
+    tmp_path: Path, served_certs: Certs, upstream_port: int, workers: int
+) -> None:
+    config = write_config(
+        tmp_path / "pqproxy.yaml",
+        certs=served_certs,
+        upstream_port=upstream_port,
+        workers=workers,
+        drain_timeout="60s",
+    )
+    with serving(config) as serve:
+        stream = SseStream(serve.port, served_certs.ca, max_tokens=STREAM_TOKENS)
+        try:
+            events = stream.events()
+            first = [next(events) for _ in range(2)]
+            mark = serve.proc.mark()
+            serve.proc.signal(signal.SIGTERM)
+            serve.proc.wait_for_lines(r"received SIGTERM: draining", workers, WAIT, after=mark)
+            serve.proc.signal(signal.SIGTERM)
+            serve.proc.wait_for_line(
+                r"received SIGTERM again: closing 1 connections now", WAIT, after=mark
+            )
+            # The stream is cut (with close_notify), long before its end and the 60 s deadline.
+            rest: list[bytes] = []
+            with pytest.raises((http.client.HTTPException, OSError)):
+                rest.extend(events)
+        finally:
+            stream.close()
+        assert b"[DONE]" not in first + rest
+        assert len(first + rest) < STREAM_TOKENS
+        assert_clean_exit(serve)
+        assert "drain failed" not in serve.proc.output()
