@@ -356,7 +356,7 @@ class HttpProxySession:
         try:
             while True:
                 event = await self._next_upstream_event(
-                    upstream, conn, settings.upstream_read_timeout, response_started
+                    upstream, conn, settings.upstream_read_timeout, response_started, body_task
                 )
                 if event is None:
                     # EOF before a response: a stale socket if nothing came at all.
@@ -461,12 +461,13 @@ class HttpProxySession:
         conn: UpstreamConnection,
         timeout: float,
         response_started: bool,
+        body_task: asyncio.Task[None] | None = None,
     ) -> h11.Event | None:
         while True:
             event = upstream.next_event()
             if event is h11.NEED_DATA:
                 try:
-                    data = await asyncio.wait_for(conn.reader.read(UPSTREAM_READ_CHUNK), timeout)
+                    data = await self._read_upstream(conn, timeout, body_task)
                 except TimeoutError:
                     self._pool.report_failure(conn.server, "read timeout")
                     raise _UpstreamFailed(
@@ -499,6 +500,22 @@ class HttpProxySession:
             # PAUSED only follows a finished response, which the caller never reads past.
             return None
 
+    @staticmethod
+    async def _read_upstream(
+        conn: UpstreamConnection, timeout: float, body_task: asyncio.Task[None] | None
+    ) -> bytes:
+        """The read timeout counts silence from the upstream once it has the whole
+        request: a long upload is not an upstream that stopped answering (the upload
+        has its own stall limits in the body pump)."""
+        read = asyncio.ensure_future(conn.reader.read(UPSTREAM_READ_CHUNK))
+        try:
+            if body_task is not None and not body_task.done():
+                await asyncio.wait({read, body_task}, return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.wait_for(read, timeout)
+        finally:
+            if not read.done():
+                read.cancel()
+
     async def _pump_request_body(
         self,
         client: h11.Connection,
@@ -528,13 +545,25 @@ class HttpProxySession:
                 if record.bytes_in > limit:
                     raise HttpError(413, "request body larger than max_body_bytes")
                 conn.writer.write(upstream.send(event))
-                await conn.writer.drain()
+                await self._drain_upstream(conn)
             elif isinstance(event, h11.EndOfMessage):
                 conn.writer.write(upstream.send(h11.EndOfMessage()))
-                await conn.writer.drain()
+                await self._drain_upstream(conn)
                 return
             else:
                 return
+
+    async def _drain_upstream(self, conn: UpstreamConnection) -> None:
+        timeout = self._settings.upstream_read_timeout
+        try:
+            await asyncio.wait_for(conn.writer.drain(), timeout)
+        except TimeoutError:
+            self._pool.report_failure(conn.server, "stopped reading the request body")
+            raise _UpstreamFailed(
+                504,
+                f"upstream {conn.server.label} took no request bytes for {timeout:g}s",
+                response_started=False,
+            ) from None
 
     # --- output ----------------------------------------------------------------------------
 

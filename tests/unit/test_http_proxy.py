@@ -794,6 +794,39 @@ async def test_request_body_streams_to_upstream(
         assert seen.values("content-length") == [str(len(first) + len(second)).encode()]
 
 
+async def test_slow_upload_is_not_an_upstream_read_timeout(
+    make_proxy: ProxyFactory, make_upstream: UpstreamFactory, connect: Connect
+) -> None:
+    """The upstream read timeout counts the upstream's silence once it has the
+    whole request; an upload slower than that timeout is not a dead upstream."""
+    first, second = b"first-part;", b"second-part"
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handler(ex: Exchange) -> None:
+        while True:
+            event = await ex.next_body_event()
+            if isinstance(event, h11.EndOfMessage):
+                break
+            chunks.put_nowait(bytes(event.data))
+        await ex.respond(200, ex.received.body)
+
+    read_timeout = 0.2
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(upstream.port, http=HttpSettings(upstream_read_timeout=read_timeout))
+    client = await connect(proxy.port)
+    await client.send(
+        http_request("POST", "/upload", ("Transfer-Encoding", "chunked")) + chunk(first)
+    )
+    assert await within(chunks.get()) == first
+    # The slowness under test: the client pauses for longer than the upstream
+    # read timeout before sending the rest of its body.
+    await asyncio.sleep(read_timeout * 2.5)
+    await client.send(chunk(second) + LAST_CHUNK)
+    response = await client.response()
+    assert response.status == 200
+    assert response.body == first + second
+
+
 async def test_slow_client_stops_the_proxy_reading_the_upstream(
     make_proxy: ProxyFactory, make_upstream: UpstreamFactory, connect: Connect
 ) -> None:
