@@ -124,7 +124,7 @@ class HttpProxySession:
         self,
         downstream: Downstream,
         settings: HttpSettings,
-        pool: UpstreamPool,
+        pool: Callable[[], UpstreamPool],
         tls_info: ClientTLSInfo,
         client_ip: str,
         peer: str,
@@ -132,7 +132,10 @@ class HttpProxySession:
     ) -> None:
         self._downstream = downstream
         self._settings = settings
-        self._pool = pool
+        # Read per request: after a reload, a kept-alive connection must use the
+        # listener's new pool, not the one it started with (which gets closed).
+        self._current_pool = pool
+        self._pool = pool()
         self._tls_info = tls_info
         self._client_ip = client_ip
         self._peer = peer
@@ -294,7 +297,7 @@ class HttpProxySession:
     async def _forward(
         self, client: h11.Connection, outbound: h11.Request, record: RequestRecord
     ) -> bool:
-        pool = self._pool
+        pool = self._pool = self._current_pool()
         tried: set[UpstreamServer] = set()
         has_body = _has_body(outbound)
         attempts_left = self._settings.retries

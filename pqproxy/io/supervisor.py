@@ -680,6 +680,7 @@ class _Supervisor:
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(self.wakeup_w, False)
         self.stopping = False
+        self.stop_signals = 0
         self.stop_deadline = 0.0
         # Set when start-up failed: the reason, raised once the workers are gone.
         self.failure: str | None = None
@@ -957,9 +958,11 @@ class _Supervisor:
         if self.stopping:
             # A second SIGTERM/SIGINT: the workers close their connections at once.
             logger.info("supervisor: received %s again: workers close now", sig.name)
+            self.stop_signals += 1
             self._signal_workers(signal.SIGTERM)
             return
         self.stopping = True
+        self.stop_signals = 1
         self.stop_deadline = time.monotonic() + self.config.drain_timeout + EXIT_GRACE
         if not quiet:
             logger.info(
@@ -1000,7 +1003,11 @@ class _Supervisor:
             for worker, status in self._reap():
                 self._close_ready(worker)
                 code = os.waitstatus_to_exitcode(status)
-                if code != 0:
+                if code == -signal.SIGTERM and self.stop_signals > 1:
+                    # A second SIGTERM means "close now": a worker that was between its
+                    # own shutdown and exit when it arrived dies of it, as asked.
+                    logger.info("supervisor: worker pid=%d %s", worker.pid, _exit_status(status))
+                elif code != 0:
                     status_ok = False
                     logger.error("supervisor: worker pid=%d %s", worker.pid, _exit_status(status))
                 else:

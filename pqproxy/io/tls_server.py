@@ -564,10 +564,11 @@ class _ClientConnection(asyncio.Protocol):
             transport = self._transport
             peername = transport.get_extra_info("peername") if transport is not None else None
             client_ip = str(peername[0]) if isinstance(peername, tuple) else "unknown"
+            listener, first_pool = self._listener, settings.pool
             self._http = HttpProxySession(
                 self,
                 settings.http,
-                settings.pool,
+                lambda: listener.settings.pool or first_pool,
                 ClientTLSInfo.from_handshake(event),
                 client_ip,
                 self._peer,

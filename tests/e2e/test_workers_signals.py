@@ -323,9 +323,10 @@ def test_sighup_moves_new_connections_to_a_new_upstream(
                     assert completion_words(after) == 3
                 finally:
                     after.close()
-                # ...while a keep-alive connection from before the reload keeps working on its
-                # own (old) pool: nothing established is dropped.
-                assert completion_words(before) == DEFAULT_TOKENS
+                # ...and so does the next request on a keep-alive connection from before
+                # the reload: it is not dropped, and its requests follow the new config
+                # (the old pool is closed once in-flight requests on it are done).
+                assert completion_words(before) == 3
             finally:
                 before.close()
             stop(serve)
@@ -356,13 +357,16 @@ def test_second_sigterm_closes_at_once(
             serve.proc.wait_for_line(
                 r"received SIGTERM again: closing 1 connections now", WAIT, after=mark
             )
-            # The stream is cut (with close_notify), long before its end and the 60 s deadline.
+            # The stream is cut, long before its end and the 60 s deadline: the body ends
+            # early (http.client reports the cut chunked body as an early EOF or an error).
             rest: list[bytes] = []
-            with pytest.raises((http.client.HTTPException, OSError)):
-                rest.extend(events)
+            with contextlib.suppress(http.client.HTTPException, OSError):
+                while line := stream.response.readline():
+                    rest.append(line)
         finally:
             stream.close()
-        assert b"[DONE]" not in first + rest
-        assert len(first + rest) < STREAM_TOKENS
+        assert not any(b"[DONE]" in line for line in rest)
+        assert len([line for line in rest if line.startswith(b"data: ")]) < STREAM_TOKENS - 2
+        assert len(first) == 2
         assert_clean_exit(serve)
         assert "drain failed" not in serve.proc.output()
