@@ -163,3 +163,56 @@ class CryptoProvider(Protocol):
 
     @property
     def groups(self) -> Mapping[int, KxGroup]: ...
+
+
+# --- client authentication and session tickets -------------------------------------------
+# The engine calls these synchronously; implementations live in crypto/ (X.509 through
+# cryptography's verifier, tickets under rotating AEAD keys).
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who a verified client certificate says the client is."""
+
+    subject: str
+    dns_names: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+    chain: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+class CertificateRejected(Exception):
+    """A client certificate or its CertificateVerify failed. ``alert`` is the RFC 8446
+    alert name to send (bad_certificate, unknown_ca, certificate_expired,
+    unsupported_certificate, decrypt_error); ``reason`` is for the log only."""
+
+    def __init__(self, alert: str, reason: str) -> None:
+        super().__init__(reason)
+        self.alert = alert
+        self.reason = reason
+
+
+class ClientCertificateVerifier(Protocol):
+    @property
+    def signature_schemes(self) -> tuple[int, ...]:
+        """Schemes accepted in the client's CertificateVerify, most preferred first."""
+        ...
+
+    def verify_chain(self, chain: tuple[bytes, ...], now: float) -> PeerIdentity:
+        """Chain (leaf first, DER) to a trusted CA at time ``now`` (Unix seconds), with
+        key usage and extended key usage clientAuth. Raises CertificateRejected."""
+        ...
+
+    def verify_signature(self, leaf: bytes, scheme: int, message: bytes, signature: bytes) -> None:
+        """The client's CertificateVerify. Raises CertificateRejected("decrypt_error", ...)."""
+        ...
+
+
+class TicketProtector(Protocol):
+    """Seals session state into opaque tickets that any worker can open."""
+
+    def seal(self, plaintext: bytes, now: float) -> bytes: ...
+
+    def open(self, ticket: bytes, now: float) -> bytes | None:
+        """The plaintext, or None for a ticket that is forged, damaged or sealed under a
+        key that has rotated out."""
+        ...
