@@ -75,3 +75,39 @@ class UnrecognizedName(TLSAlert):
 
 class NoApplicationProtocol(TLSAlert):
     description = AlertDescription.no_application_protocol
+
+
+class UnsupportedCertificate(TLSAlert):
+    description = AlertDescription.unsupported_certificate
+
+
+class CertificateExpired(TLSAlert):
+    description = AlertDescription.certificate_expired
+
+
+class UnknownCA(TLSAlert):
+    description = AlertDescription.unknown_ca
+
+
+class CertificateRequired(TLSAlert):
+    description = AlertDescription.certificate_required
+
+
+_BY_NAME: dict[str, type[TLSAlert]] = {
+    cls.description.name: cls
+    for cls in (
+        BadCertificate,
+        UnsupportedCertificate,
+        CertificateExpired,
+        UnknownCA,
+        DecryptError,
+        IllegalParameter,
+        HandshakeFailure,
+    )
+}
+
+
+def alert_named(name: str, reason: str) -> TLSAlert:
+    """The alert a certificate verifier asked for by name; an unknown name is a bug in
+    the verifier and becomes bad_certificate rather than a crash."""
+    return _BY_NAME.get(name, BadCertificate)(reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..crypto.provider import KxGroup, Signer
+from ..crypto.provider import KxGroup, PeerIdentity, Signer
 from .enums import AlertDescription
 
 
@@ -52,6 +52,10 @@ class HandshakeComplete(Event):
     server_name: str | None
     hello_retry: bool
     offered_groups: tuple[int, ...] = field(default=())
+    # Resumed from a ticket (still with a fresh key exchange: psk_dhe_ke only).
+    resumed: bool = False
+    # The client certificate's identity (mutual TLS), also carried across resumption.
+    peer_identity: PeerIdentity | None = None
 
 
 @dataclass(frozen=True, repr=False)

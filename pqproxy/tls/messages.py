@@ -32,6 +32,18 @@ HELLO_RETRY_REQUEST_RANDOM = bytes.fromhex(
 
 # RFC 8446 §4.4.3: the context string and prefix of the CertificateVerify input.
 _CERTIFICATE_VERIFY_PREFIX = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
+_CLIENT_CERTIFICATE_VERIFY_PREFIX = b" " * 64 + b"TLS 1.3, client CertificateVerify\x00"
+
+
+@dataclass(frozen=True, repr=False)
+class OfferedPsks:
+    """The pre_shared_key extension of a ClientHello (RFC 8446 §4.2.11).
+    ``binders_length`` is the size of the binders list with its length prefix: the
+    tail that Truncate(ClientHello) removes for the binder transcript."""
+
+    identities: tuple[tuple[bytes, int], ...]
+    binders: tuple[bytes, ...]
+    binders_length: int
 
 
 @dataclass(frozen=True, repr=False)
@@ -50,7 +62,7 @@ class ClientHello:
     psk_key_exchange_modes: tuple[int, ...] | None = None
     cookie: bytes | None = None
     record_size_limit: int | None = None
-    pre_shared_key: bool = False
+    pre_shared_key: OfferedPsks | None = None
     early_data: bool = False
 
     def __repr__(self) -> str:
@@ -151,6 +163,24 @@ def pull_client_hello(body: bytes) -> ClientHello:
     )
 
 
+def _pull_psk_identity(buf: Buffer) -> tuple[bytes, int]:
+    identity = buf.pull_vector(2, minimum=1)
+    age = (buf.pull_uint16() << 16) | buf.pull_uint16()
+    return identity, age
+
+
+def _pull_offered_psks(data: bytes) -> OfferedPsks:
+    buf = Buffer(data)
+    identities = buf.pull_list(2, _pull_psk_identity, minimum=7)
+    binders_start = len(data) - buf.remaining
+    binders = buf.pull_list(2, lambda b: b.pull_vector(1, minimum=32), minimum=33)
+    buf.expect_end("pre_shared_key")
+    # §4.2.11: one binder per identity.
+    if len(identities) != len(binders):
+        raise IllegalParameter(f"{len(identities)} PSK identities but {len(binders)} binders")
+    return OfferedPsks(tuple(identities), tuple(binders), len(data) - binders_start)
+
+
 def _pull_record_size_limit(data: bytes) -> int:
     buf = Buffer(data)
     limit = buf.pull_uint16()
@@ -194,8 +224,7 @@ _EXTENSION_PARSERS: dict[int, tuple[str, Callable[[bytes], object]]] = {
     ),
     ExtensionType.COOKIE: ("cookie", lambda data: _inner_vector(data, 2, "cookie", minimum=1)),
     ExtensionType.RECORD_SIZE_LIMIT: ("record_size_limit", _pull_record_size_limit),
-    # Only its presence matters until resumption lands (a later issue).
-    ExtensionType.PRE_SHARED_KEY: ("pre_shared_key", lambda data: True),
+    ExtensionType.PRE_SHARED_KEY: ("pre_shared_key", _pull_offered_psks),
     ExtensionType.EARLY_DATA: ("early_data", _pull_early_data),
 }
 _EXTENSION_PARSERS = {int(k): v for k, v in _EXTENSION_PARSERS.items()}
@@ -219,12 +248,15 @@ def encode_server_hello(
     cipher_suite: int,
     group: int,
     server_share: bytes | None,
+    selected_psk: int | None = None,
 ) -> bytes:
     """ServerHello, or a HelloRetryRequest when ``server_share`` is None (RFC 8446 §4.1.3-4)."""
     if server_share is None:
         key_share = extension(ExtensionType.KEY_SHARE, u16(group))
     else:
         key_share = extension(ExtensionType.KEY_SHARE, u16(group) + vec16(server_share))
+    if selected_psk is not None:
+        key_share += extension(ExtensionType.PRE_SHARED_KEY, u16(selected_psk))
     extensions = key_share + extension(ExtensionType.SUPPORTED_VERSIONS, b"\x03\x04")
     body = b"".join(
         (b"\x03\x03", random, vec8(session_id), u16(cipher_suite), b"\x00", vec16(extensions))
@@ -260,6 +292,47 @@ def encode_certificate(chain: tuple[bytes, ...], request_context: bytes = b"") -
 
 def certificate_verify_input(transcript_hash: bytes) -> bytes:
     return _CERTIFICATE_VERIFY_PREFIX + transcript_hash
+
+
+def client_certificate_verify_input(transcript_hash: bytes) -> bytes:
+    return _CLIENT_CERTIFICATE_VERIFY_PREFIX + transcript_hash
+
+
+def encode_certificate_request(signature_schemes: tuple[int, ...]) -> bytes:
+    """An empty request context (§4.3.2: only post-handshake requests carry one) and the
+    signature_algorithms extension the client must sign with."""
+    extensions = extension(
+        ExtensionType.SIGNATURE_ALGORITHMS, vec16(uint16_list(signature_schemes))
+    )
+    return handshake_message(HandshakeType.CERTIFICATE_REQUEST, b"\x00" + vec16(extensions))
+
+
+def pull_certificate(body: bytes) -> tuple[bytes, tuple[bytes, ...]]:
+    """(request_context, certificate chain as DER, leaf first); entry extensions ignored."""
+    buf = Buffer(body)
+    context = buf.pull_vector(1)
+    entries = Buffer(buf.pull_vector(3))
+    buf.expect_end("Certificate")
+    chain: list[bytes] = []
+    while not entries.eof():
+        chain.append(entries.pull_vector(3, minimum=1))
+        entries.pull_vector(2)
+    return context, tuple(chain)
+
+
+def pull_certificate_verify(body: bytes) -> tuple[int, bytes]:
+    buf = Buffer(body)
+    scheme = buf.pull_uint16()
+    signature = buf.pull_vector(2, minimum=1)
+    buf.expect_end("CertificateVerify")
+    return scheme, signature
+
+
+def encode_new_session_ticket(lifetime: int, age_add: int, nonce: bytes, ticket: bytes) -> bytes:
+    body = b"".join(
+        (lifetime.to_bytes(4, "big"), age_add.to_bytes(4, "big"), vec8(nonce), vec16(ticket))
+    )
+    return handshake_message(HandshakeType.NEW_SESSION_TICKET, body + b"\x00\x00")
 
 
 def encode_certificate_verify(scheme: int, signature: bytes) -> bytes:

@@ -29,9 +29,13 @@ from typing import Any
 
 from ..crypto.provider import (
     BackendError,
+    CertificateRejected,
     CertifiedKey,
+    ClientCertificateVerifier,
     CryptoProvider,
     InvalidKeyShare,
+    PeerIdentity,
+    TicketProtector,
     matches_server_name,
 )
 from . import alerts
@@ -55,18 +59,31 @@ from .events import (
     PeerClosed,
     SignatureNeeded,
 )
-from .key_schedule import SUITES, KeySchedule, SuiteParams, next_traffic_secret
+from .key_schedule import (
+    SUITES,
+    KeySchedule,
+    SuiteParams,
+    derive_secret,
+    empty_hash,
+    hkdf_expand_label,
+    next_traffic_secret,
+)
 from .messages import (
     HELLO_RETRY_REQUEST_RANDOM,
     ClientHello,
     certificate_verify_input,
+    client_certificate_verify_input,
     encode_certificate,
+    encode_certificate_request,
     encode_certificate_verify,
     encode_encrypted_extensions,
     encode_finished,
     encode_key_update,
+    encode_new_session_ticket,
     encode_server_hello,
     handshake_message,
+    pull_certificate,
+    pull_certificate_verify,
     pull_client_hello,
 )
 from .record import (
@@ -76,6 +93,7 @@ from .record import (
     encode_plaintext_records,
     encode_protected_records,
 )
+from .session import SessionState, decode_session_state, encode_session_state
 
 # --- limits, each with its reason ---------------------------------------------
 
@@ -101,6 +119,12 @@ KEY_UPDATE_AFTER_RECORDS = 1 << 23
 MAX_RECEIVE_BUFFER = 1 << 20
 # RFC 8449: TLS 1.3 counts the inner content type, so the largest limit is 2^14 + 1.
 OUR_RECORD_SIZE_LIMIT = MAX_PLAINTEXT + 1
+
+# RFC 8446 §4.6.1: a ticket lives at most seven days.
+MAX_TICKET_LIFETIME = 7 * 24 * 3600
+# NewSessionTicket messages per full handshake; a few let a client open parallel
+# connections without reusing one ticket.
+MAX_TICKETS_PER_HANDSHAKE = 8
 
 DEFAULT_GROUPS: tuple[int, ...] = (
     NamedGroup.X25519MLKEM768,
@@ -131,6 +155,12 @@ class PqPolicy(StrEnum):
     OFF = "off"
 
 
+class ClientAuth(StrEnum):
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRE = "require"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     certificates: tuple[CertifiedKey, ...]
@@ -141,6 +171,15 @@ class ServerConfig:
     # RFC 8446 §4.2.7: a server may tell the client its groups so the client
     # can send the right share (e.g. the hybrid) next time. None: not sent.
     advertised_groups: tuple[int, ...] | None = None
+    # Mutual TLS: CertificateRequest and verification of the client's chain.
+    client_auth: ClientAuth = ClientAuth.NONE
+    client_verifier: ClientCertificateVerifier | None = None
+    # Resumption: tickets are issued and accepted only with a protector. Only
+    # psk_dhe_ke is ever accepted, so a resumed session still runs a fresh (hybrid)
+    # key exchange; there is no 0-RTT.
+    tickets: TicketProtector | None = None
+    tickets_per_handshake: int = 2
+    ticket_lifetime: int = 7200
     _certificate_messages: dict[int, bytes] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -154,6 +193,12 @@ class ServerConfig:
         for suite in self.cipher_suites:
             if suite not in SUITES:
                 raise ValueError(f"unsupported cipher suite 0x{suite:04x}")
+        if self.client_auth is not ClientAuth.NONE and self.client_verifier is None:
+            raise ValueError(f"client_auth {self.client_auth.value} needs a client verifier")
+        if not 0 <= self.tickets_per_handshake <= MAX_TICKETS_PER_HANDSHAKE:
+            raise ValueError(f"tickets_per_handshake must be 0..{MAX_TICKETS_PER_HANDSHAKE}")
+        if not 0 < self.ticket_lifetime <= MAX_TICKET_LIFETIME:
+            raise ValueError(f"ticket_lifetime must be 1..{MAX_TICKET_LIFETIME} seconds")
         # The Certificate message never changes per handshake: encode it once.
         for index, certified in enumerate(self.certificates):
             self._certificate_messages[index] = encode_certificate(certified.chain)
@@ -169,11 +214,17 @@ class ServerConfig:
         return self.groups
 
 
+TICKET_CLOCK_SKEW = 60.0
+PSK_DHE_KE = 1
+
+
 class _State(Enum):
     EXPECT_CLIENT_HELLO = auto()
     WAIT_KEY_EXCHANGE = auto()
     EXPECT_SECOND_CLIENT_HELLO = auto()
     WAIT_SIGNATURE = auto()
+    EXPECT_CLIENT_CERTIFICATE = auto()
+    EXPECT_CLIENT_CERTIFICATE_VERIFY = auto()
     EXPECT_FINISHED = auto()
     CONNECTED = auto()
     CLOSED = auto()
@@ -185,8 +236,15 @@ class ServerConnection:
         config: ServerConfig,
         provider: CryptoProvider,
         random_bytes: Callable[[int], bytes],
+        clock: Callable[[], float] | None = None,
+        key_log: Callable[[str, bytes, bytes], None] | None = None,
     ) -> None:
+        if clock is None and (config.tickets is not None or config.client_verifier is not None):
+            raise ValueError("tickets and client certificates need a clock")
         self._config = config
+        self._clock = clock
+        # NSS key-log hook (label, client_random, secret); None costs nothing.
+        self._key_log = key_log
         self._provider = provider
         self._random_bytes = random_bytes
         self._state = _State.EXPECT_CLIENT_HELLO
@@ -217,8 +275,13 @@ class ServerConnection:
         self._alpn: bytes | None = None
         self._client_hs_secret = b""
         self._client_app_secret = b""
-        self._expected_client_finished = b""
         self._pending_flight = b""
+        self._resumed: SessionState | None = None
+        self._selected_psk: int | None = None
+        self._psk = b""
+        self._peer_identity: PeerIdentity | None = None
+        self._client_certificate: tuple[bytes, ...] = ()
+        self._request_client_certificate = False
 
     def __repr__(self) -> str:
         return f"<ServerConnection state={self._state.name}>"
@@ -367,7 +430,7 @@ class ServerConnection:
                     raise alerts.UnexpectedMessage("encrypted record before keys were agreed")
                 self._dispatch(content_type, payload)
                 continue
-            if content_type == ContentType.ALERT and self._state is _State.EXPECT_FINISHED:
+            if content_type == ContentType.ALERT and self._state in _AWAITING_CLIENT_FLIGHT:
                 # A client that could not process our ServerHello answers in
                 # plaintext; accept it so the operator sees the real reason.
                 self._dispatch(content_type, payload)
@@ -475,6 +538,13 @@ class ServerConnection:
             self._receive_client_hello(message)
         elif state is _State.EXPECT_FINISHED and msg_type == HandshakeType.FINISHED:
             self._receive_finished(message)
+        elif state is _State.EXPECT_CLIENT_CERTIFICATE and msg_type == HandshakeType.CERTIFICATE:
+            self._receive_client_certificate(message)
+        elif (
+            state is _State.EXPECT_CLIENT_CERTIFICATE_VERIFY
+            and msg_type == HandshakeType.CERTIFICATE_VERIFY
+        ):
+            self._receive_client_certificate_verify(message)
         elif state is _State.CONNECTED and msg_type == HandshakeType.KEY_UPDATE:
             self._receive_key_update(message)
         else:
@@ -516,11 +586,52 @@ class ServerConnection:
             if share is None:
                 self._send_hello_retry_request(hello, group, message)
                 return
+            self._accept_psk(hello, message, hashlib.new(params.hash_name))
         else:
             group, share = self._check_second_client_hello(hello)
+            # After an HRR the binder covers message_hash(CH1), the HRR and CH2.
+            self._accept_psk(hello, message, self._transcript.copy())
             self._transcript.update(message)
             self._client_hello = hello
         self._start_key_exchange(group, share)
+
+    def _accept_psk(self, hello: ClientHello, message: bytes, binder_transcript: Any) -> None:
+        """Resume from a ticket when one opens and fits; otherwise a full handshake.
+        Only psk_dhe_ke is accepted (§4.2.9), so the key exchange always runs."""
+        offered, tickets, clock = hello.pre_shared_key, self._config.tickets, self._clock
+        params = self._params
+        if offered is None or tickets is None or clock is None or params is None:
+            return
+        if PSK_DHE_KE not in (hello.psk_key_exchange_modes or ()):
+            return
+        now = clock()
+        for index, (identity, _obfuscated_age) in enumerate(offered.identities):
+            plaintext = tickets.open(identity, now)
+            state = decode_session_state(plaintext) if plaintext is not None else None
+            if state is None or state.cipher_suite not in SUITES:
+                continue
+            # §4.2.11: a PSK is used only with a suite of the same hash; it must be
+            # within its lifetime; and it stays with the name it was issued for.
+            if SUITES[state.cipher_suite].hash_name != params.hash_name:
+                continue
+            if not state.created - TICKET_CLOCK_SKEW <= now <= state.created + state.lifetime:
+                continue
+            if state.server_name != hello.server_name:
+                continue
+            binder_transcript.update(message[: len(message) - offered.binders_length])
+            schedule = KeySchedule(params, psk=state.psk)
+            binder_key = derive_secret(
+                params.hash_name, schedule.early_secret, b"res binder", empty_hash(params.hash_name)
+            )
+            expected = schedule.finished_verify_data(binder_key, binder_transcript.digest())
+            # §4.2.11 and §6.2: a binder that does not validate is a decrypt_error.
+            if not hmac.compare_digest(expected, offered.binders[index]):
+                raise alerts.DecryptError("PSK binder does not verify")
+            self._resumed = state
+            self._selected_psk = index
+            self._schedule = schedule
+            self._peer_identity = state.identity
+            return
 
     def _choose_cipher_suite(self, hello: ClientHello) -> SuiteParams:
         offered = set(hello.cipher_suites)
@@ -632,13 +743,20 @@ class ServerConnection:
         if len(server_share) != self._provider.groups[group].server_share_length:
             raise alerts.InternalError("backend returned a server share of the wrong length")
         server_hello = encode_server_hello(
-            self._random_bytes(32), hello.legacy_session_id, params.suite, group, server_share
+            self._random_bytes(32),
+            hello.legacy_session_id,
+            params.suite,
+            group,
+            server_share,
+            self._selected_psk,
         )
         transcript = self._transcript
         transcript.update(server_hello)
-        schedule = KeySchedule(params)
+        schedule = self._schedule or KeySchedule(params)
         self._schedule = schedule
         client_hs, server_hs = schedule.handshake_secrets(shared_secret, transcript.digest())
+        self._log_secret("CLIENT_HANDSHAKE_TRAFFIC_SECRET", client_hs)
+        self._log_secret("SERVER_HANDSHAKE_TRAFFIC_SECRET", server_hs)
         self._out += encode_plaintext_records(ContentType.HANDSHAKE, server_hello)
         self._send_compat_ccs(hello)
         self._write = RecordProtection(params, server_hs)
@@ -646,56 +764,115 @@ class ServerConnection:
         self._client_hs_secret = client_hs
         self._write_secret = server_hs
 
-        certified = self._config.certificates[self._certified_index]
         encrypted_extensions = encode_encrypted_extensions(
             self._config.advertised_groups,
             OUR_RECORD_SIZE_LIMIT if hello.record_size_limit is not None else None,
             hello.server_name is not None,
             self._alpn,
         )
-        certificate = self._config._certificate_messages[self._certified_index]
         transcript.update(encrypted_extensions)
+        if self._resumed is not None:
+            # §4.3.2 and §4.4: a PSK handshake authenticates with the PSK, so no
+            # CertificateRequest, Certificate or CertificateVerify.
+            self._pending_flight = encrypted_extensions
+            self._finish_server_flight(None)
+            return
+        flight = [encrypted_extensions]
+        verifier = self._config.client_verifier
+        if self._config.client_auth is not ClientAuth.NONE and verifier is not None:
+            request = encode_certificate_request(verifier.signature_schemes)
+            transcript.update(request)
+            flight.append(request)
+            self._request_client_certificate = True
+        certificate = self._config._certificate_messages[self._certified_index]
         transcript.update(certificate)
-        self._pending_flight = encrypted_extensions + certificate
+        flight.append(certificate)
+        self._pending_flight = b"".join(flight)
         self._state = _State.WAIT_SIGNATURE
         self._events.append(
             SignatureNeeded(
-                self._scheme, certificate_verify_input(transcript.digest()), certified.signer
+                self._scheme,
+                certificate_verify_input(transcript.digest()),
+                self._config.certificates[self._certified_index].signer,
             )
         )
 
-    def _finish_server_flight(self, signature: bytes) -> None:
+    def _finish_server_flight(self, signature: bytes | None) -> None:
         params, schedule = self._params, self._schedule
         assert params is not None and schedule is not None and self._write is not None
         transcript = self._transcript
-        certificate_verify = encode_certificate_verify(self._scheme, signature)
-        transcript.update(certificate_verify)
+        flight = self._pending_flight
+        if signature is not None:
+            certificate_verify = encode_certificate_verify(self._scheme, signature)
+            transcript.update(certificate_verify)
+            flight += certificate_verify
         finished = encode_finished(
             schedule.finished_verify_data(self._write_secret, transcript.digest())
         )
         transcript.update(finished)
-        flight = self._pending_flight + certificate_verify + finished
+        flight += finished
         self._pending_flight = b""
         self._out += encode_protected_records(
             self._write, ContentType.HANDSHAKE, flight, self._max_fragment
         )
-        server_finished_hash = transcript.digest()
-        client_app, server_app = schedule.application_secrets(server_finished_hash)
-        self._expected_client_finished = schedule.finished_verify_data(
-            self._client_hs_secret, server_finished_hash
-        )
+        client_app, server_app = schedule.application_secrets(transcript.digest())
+        self._log_secret("CLIENT_TRAFFIC_SECRET_0", client_app)
+        self._log_secret("SERVER_TRAFFIC_SECRET_0", server_app)
+        if schedule.exporter_master_secret is not None:
+            self._log_secret("EXPORTER_SECRET", schedule.exporter_master_secret)
         self._client_app_secret = client_app
         self._write = RecordProtection(params, server_app)
         self._write_secret = server_app
+        self._state = (
+            _State.EXPECT_CLIENT_CERTIFICATE
+            if self._request_client_certificate
+            else _State.EXPECT_FINISHED
+        )
+
+    def _receive_client_certificate(self, message: bytes) -> None:
+        context, chain = pull_certificate(message[4:])
+        # §4.4.2: in the main handshake the context echoes ours, which is empty.
+        if context:
+            raise alerts.IllegalParameter("certificate_request_context is not empty")
+        self._transcript.update(message)
+        if not chain:
+            if self._config.client_auth is ClientAuth.REQUIRE:
+                raise alerts.CertificateRequired("client sent no certificate")  # §4.4.2.4
+            self._state = _State.EXPECT_FINISHED
+            return
+        verifier, clock = self._config.client_verifier, self._clock
+        assert verifier is not None and clock is not None
+        try:
+            self._peer_identity = verifier.verify_chain(chain, clock())
+        except CertificateRejected as rejected:
+            raise alerts.alert_named(rejected.alert, rejected.reason) from None
+        self._client_certificate = chain
+        self._state = _State.EXPECT_CLIENT_CERTIFICATE_VERIFY
+
+    def _receive_client_certificate_verify(self, message: bytes) -> None:
+        scheme, signature = pull_certificate_verify(message[4:])
+        verifier = self._config.client_verifier
+        assert verifier is not None
+        # §4.4.3: the scheme must be one the CertificateRequest offered.
+        if scheme not in verifier.signature_schemes:
+            raise alerts.IllegalParameter(f"client signed with unoffered scheme 0x{scheme:04x}")
+        content = client_certificate_verify_input(self._transcript.digest())
+        try:
+            verifier.verify_signature(self._client_certificate[0], scheme, content, signature)
+        except CertificateRejected as rejected:
+            raise alerts.alert_named(rejected.alert, rejected.reason) from None
+        self._transcript.update(message)
         self._state = _State.EXPECT_FINISHED
 
     def _receive_finished(self, message: bytes) -> None:
-        params, hello = self._params, self._client_hello
+        params, hello, schedule = self._params, self._client_hello, self._schedule
         assert params is not None and hello is not None and self._group is not None
+        assert schedule is not None
         verify_data = message[4:]
         if len(verify_data) != params.hash_len:
             raise alerts.DecodeError("Finished of the wrong length")
-        if not hmac.compare_digest(verify_data, self._expected_client_finished):
+        expected = schedule.finished_verify_data(self._client_hs_secret, self._transcript.digest())
+        if not hmac.compare_digest(verify_data, expected):
             raise alerts.DecryptError("client Finished does not verify")  # §4.4.4
         if self._hs_buffer:
             raise alerts.UnexpectedMessage("data after Finished in the same record")
@@ -709,13 +886,51 @@ class ServerConnection:
             HandshakeComplete(
                 group=self._group,
                 cipher_suite=params.suite,
-                signature_scheme=self._scheme,
+                signature_scheme=self._scheme if self._resumed is None else 0,
                 alpn_protocol=self.alpn_protocol,
                 server_name=hello.server_name,
                 hello_retry=self._hrr_group is not None,
                 offered_groups=hello.supported_groups or (),
+                resumed=self._resumed is not None,
+                peer_identity=self._peer_identity,
             )
         )
+        self._send_tickets()
+
+    def _send_tickets(self) -> None:
+        config, clock = self._config, self._clock
+        tickets, count = config.tickets, config.tickets_per_handshake
+        params, schedule, hello = self._params, self._schedule, self._client_hello
+        if tickets is None or clock is None or count == 0:
+            return
+        assert params is not None and schedule is not None and hello is not None
+        resumption = schedule.resumption_master_secret(self._transcript.digest())
+        now = clock()
+        for index in range(count):
+            # §4.6.1: each ticket's PSK is derived with its own nonce.
+            nonce = bytes((index,))
+            psk = hkdf_expand_label(
+                params.hash_name, resumption, b"resumption", nonce, params.hash_len
+            )
+            state = SessionState(
+                cipher_suite=params.suite,
+                psk=psk,
+                created=now,
+                lifetime=config.ticket_lifetime,
+                server_name=hello.server_name,
+                alpn=self._alpn,
+                identity=self._peer_identity,
+            )
+            ticket = tickets.seal(encode_session_state(state), now)
+            age_add = int.from_bytes(self._random_bytes(4), "big")
+            self._seal(
+                ContentType.HANDSHAKE,
+                encode_new_session_ticket(config.ticket_lifetime, age_add, nonce, ticket),
+            )
+
+    def _log_secret(self, label: str, secret: bytes) -> None:
+        if self._key_log is not None and self._client_hello is not None:
+            self._key_log(label, self._client_hello.random, secret)
 
     # --- post-handshake -------------------------------------------------------
 
@@ -769,6 +984,15 @@ class ServerConnection:
         self._send_alert(alert.description, AlertLevel.FATAL)
         self._state = _State.CLOSED
         self._events.append(ConnectionTerminated(alert.description, sent=True, reason=alert.reason))
+
+
+_AWAITING_CLIENT_FLIGHT = frozenset(
+    {
+        _State.EXPECT_CLIENT_CERTIFICATE,
+        _State.EXPECT_CLIENT_CERTIFICATE_VERIFY,
+        _State.EXPECT_FINISHED,
+    }
+)
 
 
 def _header(content_type: int, length: int) -> bytes:
