@@ -318,9 +318,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load()
     except ConfigError as exc:
         raise _ConfigProblems(exc) from None
-    setup_logging(config.logging)
-    provider = _make_provider()
     try:
+        setup_logging(config.logging)
+        provider = _make_provider()
         check_servable(config, provider)
         if config.workers > 1:
             return run_supervisor(

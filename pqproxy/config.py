@@ -110,6 +110,9 @@ class TlsConfig:
     pq_policy: PqPolicy = PqPolicy.PREFER
     cipher_suites: tuple[int, ...] = DEFAULT_CIPHER_SUITES
     alpn: tuple[str, ...] = ("http/1.1",)
+    # NSS key log of this listener's sessions (debugging only); None: off, unless the
+    # SSLKEYLOGFILE environment variable names a file.
+    key_log_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +193,16 @@ class UpstreamConfig:
     retries: int = 2
 
 
+LOG_STREAMS = ("stderr", "stdout")
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     access_log: bool = True
     format: LogFormat = LogFormat.JSON
+    # "stderr", "stdout", or the absolute path of a file (appended to).
+    destination: str = "stderr"
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,12 +597,41 @@ class _Parser:
 
     def logging(self, value: object) -> LoggingConfig:
         path = "logging"
-        raw = self.section(path, value, ["level", "access_log", "format"])
+        raw = self.section(path, value, ["level", "access_log", "format", "destination"])
+        destination = "stderr"
+        if "destination" in raw:
+            destination = self.log_destination(_join(path, "destination"), raw["destination"])
         return LoggingConfig(
             level=self.get(raw, path, "level", lambda v: _choice(v, LOG_LEVELS), "info"),
             access_log=self.get(raw, path, "access_log", _bool, True),
             format=self.get(raw, path, "format", _enum(LogFormat), LogFormat.JSON),
+            destination=destination,
         )
+
+    def log_destination(self, path: str, value: object) -> str:
+        """stderr, stdout, or a file to append to (its directory must exist; the file is
+        created when missing). A file named like a stream is written ./stderr."""
+        if isinstance(value, str) and value.strip().lower() in LOG_STREAMS:
+            return value.strip().lower()
+        return self.writable_file(path, value, "a log file path, stderr or stdout")
+
+    def writable_file(self, path: str, value: object, what: str) -> str:
+        """An absolute path to a file pqproxy will create or append to."""
+        if not isinstance(value, str) or not value.strip():
+            self.add(path, f"expected {what}, got {_type_name(value)}")
+            return ""
+        resolved = Path(os.path.abspath(self.base_dir / Path(value).expanduser()))
+        if self.check_files:
+            parent = resolved.parent
+            if resolved.is_dir():
+                self.add(path, f"is a directory: {resolved}")
+            elif resolved.exists() and not os.access(resolved, os.W_OK):
+                self.add(path, f"not writable: {resolved}")
+            elif not resolved.exists() and not parent.is_dir():
+                self.add(path, f"no such directory: {parent}")
+            elif not resolved.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                self.add(path, f"cannot create a file in {parent}")
+        return os.fspath(resolved)
 
     def listener(
         self,
@@ -644,7 +681,7 @@ class _Parser:
         )
 
     def tls(self, path: str, value: object, mode: Mode) -> TlsConfig | None:
-        keys = ["certificates", "groups", "pq_policy", "cipher_suites", "alpn"]
+        keys = ["certificates", "groups", "pq_policy", "cipher_suites", "alpn", "key_log_file"]
         raw = self.section(path, value, keys, nullable=False)
         if not isinstance(value, dict):
             return None
@@ -689,6 +726,12 @@ class _Parser:
                     _join(alpn_path, raw["alpn"].index("h2")),
                     "h2 needs mode: tcp (mode: http relays HTTP/1.1 only)",
                 )
+        key_log_file = None
+        if raw.get("key_log_file") is not None:
+            written = self.writable_file(
+                _join(path, "key_log_file"), raw["key_log_file"], "a key log file path"
+            )
+            key_log_file = Path(written) if written else None
         if not certificates or not groups or not suites:
             return None
         return TlsConfig(
@@ -697,6 +740,7 @@ class _Parser:
             pq_policy=policy,
             cipher_suites=suites,
             alpn=alpn,
+            key_log_file=key_log_file,
         )
 
     def certificate(self, path: str, value: object) -> CertificateConfig | None:
@@ -1279,6 +1323,7 @@ def describe(config: Config) -> str:
             f"  listener {listener.name}: {listener.listen} mode {listener.mode.value} "
             f"-> {listener.upstream}; groups {groups}; pq_policy {tls.pq_policy.value}; "
             f"alpn {alpn}; {_plural(len(tls.certificates), 'certificate')}"
+            + (f"; key log {tls.key_log_file} (debugging only)" if tls.key_log_file else "")
         )
     for pool in config.upstreams:
         servers = ", ".join(s.url for s in pool.servers)

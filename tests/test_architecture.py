@@ -92,6 +92,21 @@ RULES: tuple[Rule, ...] = (
         forbidden=("asyncio", "uvloop"),
     ),
     Rule(
+        id="metrics-defines-only",
+        why="pqproxy/metrics.py defines metrics on prometheus_client alone; it imports nothing "
+        "of pqproxy, so every layer allowed to count can use it",
+        scope=("pqproxy.metrics",),
+        forbidden=(PACKAGE, "asyncio", "uvloop", "socket"),
+    ),
+    Rule(
+        id="prometheus-only-in-metrics",
+        why="only pqproxy/metrics.py imports prometheus_client: names, labels, buckets and the "
+        "multiprocess mode are decided in one place",
+        scope=(PACKAGE,),
+        exempt=("pqproxy.metrics",),
+        forbidden=("prometheus_client",),
+    ),
+    Rule(
         id="no-pyopenssl",
         why="pyOpenSSL (OpenSSL) is an independent test/bench peer, never a pqproxy dependency",
         scope=(PACKAGE,),
@@ -235,6 +250,7 @@ KNOWN = frozenset(
         "pqproxy.crypto.backends.openssl",
         "pqproxy.io",
         "pqproxy.io.listener",
+        "pqproxy.metrics",
     }
 )
 
@@ -305,6 +321,21 @@ FLAGGED = [
         "from asyncio import Queue",
         "asyncio",
     ),
+    ("metrics-defines-only", "pqproxy.metrics", "from .io import listener", "pqproxy.io.listener"),
+    ("metrics-defines-only", "pqproxy.metrics", "from .tls.enums import X", "pqproxy.tls.enums"),
+    ("metrics-defines-only", "pqproxy.metrics", "import asyncio", "asyncio"),
+    (
+        "prometheus-only-in-metrics",
+        "pqproxy.io.listener",
+        "from prometheus_client import Counter",
+        "prometheus_client",
+    ),
+    (
+        "prometheus-only-in-metrics",
+        "pqproxy.io.listener",
+        "import prometheus_client.multiprocess",
+        "prometheus_client.multiprocess",
+    ),
     ("no-pyopenssl", "pqproxy.io.listener", "from OpenSSL import SSL", "OpenSSL"),
     ("no-pyopenssl", "pqproxy.crypto.backends.openssl", "import OpenSSL.crypto", "OpenSSL.crypto"),
     ("no-pyopenssl", "pqproxy", "import importlib\nimportlib.import_module('OpenSSL')", "OpenSSL"),
@@ -342,6 +373,9 @@ ALLOWED = [
         "pqproxy.crypto.backends.openssl",
         "from cryptography.hazmat.bindings.openssl import binding",
     ),
+    ("metrics-defines-only", "pqproxy.metrics", "import os\nfrom prometheus_client import Gauge"),
+    ("prometheus-only-in-metrics", "pqproxy.metrics", "from prometheus_client import Counter"),
+    ("prometheus-only-in-metrics", "pqproxy.io.listener", "from ..metrics import ProxyMetrics"),
     ("no-pyopenssl", "pqproxy.bench", "from OpenSSL import SSL"),
     ("no-pyopenssl", "pqproxy.bench.handshake", "from OpenSSL._util import lib"),
 ]

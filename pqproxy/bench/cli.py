@@ -45,6 +45,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _segments(value: str) -> int:
+    number = _positive_int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: a split needs at least 2 segments")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -145,7 +152,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="send the ClientHello in several TCP segments, with a delay between them",
     )
-    hs.add_argument("--split-segments", type=_positive_int, default=3, metavar="N")
+    hs.add_argument("--split-segments", type=_segments, default=3, metavar="N")
     hs.add_argument("--split-delay", type=_non_negative_float, default=0.005, metavar="S")
     hs.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S")
     hs.add_argument(
@@ -241,7 +248,7 @@ def cmd_handshake(args: argparse.Namespace) -> int:
             sni=args.sni,
             force_hrr=args.force_hrr,
             split_client_hello=args.split_client_hello,
-            split_segments=max(2, args.split_segments),
+            split_segments=args.split_segments,
             split_delay=args.split_delay,
             cafile=args.cafile,
             insecure=args.insecure,

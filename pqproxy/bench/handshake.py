@@ -15,8 +15,9 @@ How one attempt goes (``_Attempt``):
    and close_notify, half-closes, and waits (``--linger`` at most) for the server to close:
    the server has then done all of its handshake work before the slot starts the next one.
 
-Attempt ``i`` uses group ``groups[i % len(groups)]``: the groups are interleaved connection
-by connection, so a change of machine load during the run hits all of them alike.
+The groups are interleaved connection by connection (``pool.interleave``: every group once
+per cycle of ``len(groups)`` attempts, in a shuffled order), so a change of machine load
+during the run hits all of them alike.
 
 ``--force-hrr`` offers the group in supported_groups but sends a key share for X25519 only
 (OpenSSL's group list ``"G:*X25519"``); a server that prefers G answers with an HRR.
@@ -39,7 +40,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
 from .. import __version__
-from .pool import PoolResult, WorkerContext, run_pool, split_slots
+from .pool import PoolResult, WorkerContext, interleave, run_pool, split_slots
 from .report import Progress, cdf_points, summarize, timeline
 
 # RFC 8446 §4.1.3: a HelloRetryRequest is a ServerHello with this random.
@@ -507,7 +508,7 @@ async def _worker_main(
     count = len(options.groups)
 
     async def attempt(index: int) -> None:
-        group = index % count
+        group = interleave(index, count)
         record = records[group]
         record.attempts += 1
         started = time.perf_counter()

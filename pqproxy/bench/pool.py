@@ -2,9 +2,9 @@
 
 Each worker process runs its share of the concurrent slots on its own event loop. Work is
 handed out one attempt at a time from a counter shared by every process: attempt ``i`` is
-whatever the caller maps ``i`` to (the handshake bench: group ``i % len(groups)``), so the
-compared variants stay interleaved across processes and over time, and ``--count N`` means
-exactly N attempts in total.
+whatever the caller maps ``i`` to (``interleave``: the compared variants take turns, each
+once per cycle), so they stay interleaved across processes and over time, and ``--count N``
+means exactly N attempts in total.
 
 Workers start with ``spawn``: forking a parent that runs threads (a test's in-process server,
 a progress reader) can copy a held lock into the child.
@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import queue
+import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -47,6 +48,18 @@ def split_slots(concurrency: int, processes: int) -> tuple[int, ...]:
     processes = max(1, min(processes, concurrency))
     base, extra = divmod(concurrency, processes)
     return tuple(base + (1 if i < extra else 0) for i in range(processes))
+
+
+def interleave(index: int, variants: int) -> int:
+    """The variant attempt ``index`` uses: attempts come in cycles of ``variants``, each cycle
+    takes every variant once, in an order shuffled per cycle (seeded by the cycle number, so
+    runs repeat). Counts stay equal, and no variant always follows the same other one: with one
+    request in flight, the one after a request that left the proxy idle would otherwise always
+    pay for waking it up."""
+    cycle, position = divmod(index, variants)
+    order = list(range(variants))
+    random.Random(cycle).shuffle(order)
+    return order[position]
 
 
 class WorkerContext:
@@ -241,6 +254,8 @@ def _supervise(
         if message[0] == "done":
             _, index, payload, cpu, wall = message
             reports[index] = WorkerReport(index, slots[index], payload, cpu, wall)
+    if progress is not None:
+        progress(sum(counters[0::2]), sum(counters[1::2]), time.monotonic() - start)
     machine_after = machine_cpu_times()
     machine_busy = None
     if machine_before is not None and machine_after is not None:

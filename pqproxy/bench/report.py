@@ -71,7 +71,7 @@ HANDSHAKE_FIELDS: dict[str, str] = {
     "tool.python": "Python version of the client",
     "started_at": "UTC start time, ISO 8601",
     "target": "HOST:PORT measured",
-    "options.groups": "groups compared, in the order given; attempt i uses groups[i % n]",
+    "options.groups": "groups compared; every group once per cycle of n attempts, shuffled",
     "options.concurrency": "connections in flight at any time, over all client processes",
     "options.processes": "client processes (at most the concurrency)",
     "options.duration": "seconds during which new attempts start (null with --count)",

@@ -1,7 +1,7 @@
 """``pqproxy bench request``: what a user pays end to end, through a TLS proxy to an upstream.
 
-One run compares, request by request (interleaved: request ``i`` takes path
-``i % len(paths)``):
+One run compares, request by request (interleaved: every path once per cycle of
+``len(paths)`` requests, in a shuffled order, see ``pool.interleave``):
 
 - ``direct``: plain HTTP straight to the upstream;
 - ``proxy-X25519MLKEM768``: HTTPS through the proxy, the client offering only the hybrid;
@@ -50,7 +50,7 @@ from .handshake import (
     openssl_version,
     tls_error_reason,
 )
-from .pool import PoolResult, WorkerContext, run_pool, split_slots
+from .pool import PoolResult, WorkerContext, interleave, run_pool, split_slots
 from .procs import (
     DEMO_LISTENING,
     PQPROXY_LISTENING,
@@ -64,6 +64,8 @@ DEFAULT_PATH = "/v1/chat/completions"
 DEFAULT_GROUPS = ("X25519MLKEM768", "X25519")
 DEFAULT_DURATION = 10.0
 READ_SIZE = 65536
+# How long a worker waits for its connections to close at the end of a run.
+CLOSE_TIMEOUT = 2.0
 # The first SSE event is looked for in at most this much of the body.
 MAX_FIRST_EVENT = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -178,6 +180,7 @@ class HttpConnection:
         self.writer = writer
         self.tls = tls
         self.http = h11.Connection(h11.CLIENT)
+        self.requests = 0  # requests sent on this connection
 
     @classmethod
     async def open(
@@ -285,6 +288,7 @@ async def exchange(
 ) -> Timing:
     """Send one request and read its response to the end; times from ``started``."""
     http = conn.http
+    conn.requests += 1
     await conn.send(b"".join(http.send(event) or b"" for event in request))
     ttfb: float | None = None
     ttft: float | None = None
@@ -298,7 +302,13 @@ async def exchange(
             raise RequestFailed(f"http: malformed response ({exc})") from None
         if event is h11.NEED_DATA:
             data = await conn.recv()
-            if ttfb is None and data:
+            if not data and ttfb is None:
+                # Not a malformed response: no response at all. A server may close an idle
+                # keep-alive connection, but it must say so (Connection: close) in the
+                # response before; closing after reading the next request loses that request.
+                reused = " (a reused keep-alive connection)" if conn.requests > 1 else ""
+                raise RequestFailed(f"eof: the connection closed without a response{reused}")
+            if ttfb is None:
                 ttfb = time.perf_counter() - started
             http.receive_data(data)
             continue
@@ -398,7 +408,7 @@ async def _worker_main(
     context.wait_start()
 
     async def one(slot: int, index: int) -> None:
-        i = index % count
+        i = interleave(index, count)
         record = records[i]
         record.requests += 1
         conn = held[slot][i]
@@ -449,10 +459,21 @@ async def _worker_main(
             await one(slot, index)
 
     await asyncio.gather(*(run_slot(s) for s in range(context.slots)))
-    for slot_conns in held:
-        for conn in slot_conns:
-            if conn is not None:
-                conn.close()
+    closing = [conn for slot_conns in held for conn in slot_conns if conn is not None]
+    for conn in closing:
+        conn.close()
+    # Let the close_notify and the FIN leave before the loop (and the process) ends.
+    if closing:
+        waits = [asyncio.create_task(_closed(conn)) for conn in closing]
+        await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
+        for task in waits:
+            task.cancel()
+
+
+async def _closed(conn: HttpConnection) -> None:
+    # A peer that reset the connection has closed it too.
+    with contextlib.suppress(OSError):
+        await conn.writer.wait_closed()
 
 
 def _drop(

@@ -46,6 +46,7 @@ from ..relay.http1 import (
     request_summary,
     upstream_request_headers,
 )
+from .telemetry import Telemetry
 from .upstream import (
     NoUpstreamAvailable,
     UpstreamConnectError,
@@ -97,14 +98,25 @@ class RequestRecord:
     """What the access log says about one request."""
 
     method: str = "-"
-    path: str = "-"
+    path: str = "-"  # "METHOD /path" (relay.http1.request_summary: no query string)
     status: int = 0
     upstream: str = "-"
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = field(default_factory=time.monotonic)
+    # The first byte of the response body from the upstream (the end of the response when it
+    # has no body): for a token stream, the first token, not the headers that precede it.
     first_byte: float | None = None
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What the access log says about the connection a request came on."""
+
+    client: str  # address:port
+    tls: ClientTLSInfo
+    handshake_ms: float
 
 
 class _ClientGone(Exception):
@@ -129,6 +141,9 @@ class HttpProxySession:
         client_ip: str,
         peer: str,
         on_request: Callable[[RequestRecord], None] | None = None,
+        *,
+        info: ConnectionInfo | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._downstream = downstream
         self._settings = settings
@@ -140,6 +155,8 @@ class HttpProxySession:
         self._client_ip = client_ip
         self._peer = peer
         self._on_request = on_request
+        self._info = info
+        self._telemetry = telemetry
         self._limits = HeaderLimits(max_header_bytes=settings.max_header_bytes)
         self._buffer = bytearray()
         self._eof = False
@@ -190,7 +207,9 @@ class HttpProxySession:
             try:
                 request = await self._receive_head(client, first)
             except HttpError as error:
-                self._send_error(client, error, RequestRecord())
+                record = RequestRecord()
+                self._send_error(client, error, record)
+                self._log_request(record)
                 return f"{error.status}: {error.reason}"
             if request is None:
                 return "client closed" if first else "keep-alive ended"
@@ -383,7 +402,6 @@ class HttpProxySession:
                 if isinstance(event, h11.Response):
                     response_started = True
                     record.status = event.status_code
-                    record.first_byte = time.monotonic()
                     if event.status_code >= 500:
                         pool.report_failure(conn.server, f"status {event.status_code}")
                     else:
@@ -397,9 +415,13 @@ class HttpProxySession:
                     )
                     self._send_client(client.send(response), record)
                 elif isinstance(event, h11.Data):
+                    if record.first_byte is None:
+                        record.first_byte = time.monotonic()
                     self._send_client(client.send(h11.Data(data=event.data)), record)
                     await self._downstream.drain()
                 elif isinstance(event, h11.EndOfMessage):
+                    if record.first_byte is None:
+                        record.first_byte = time.monotonic()
                     self._send_client(client.send(h11.EndOfMessage()), record)
                     break
         except (_UpstreamFailed, _StaleConnection) as failure:
@@ -580,7 +602,13 @@ class HttpProxySession:
         record.error = error.reason
         level = logging.WARNING if error.status >= 500 else logging.INFO
         logger.log(
-            level, "peer=%s %s -> %d: %s", self._peer, record.path, error.status, error.reason
+            level,
+            "peer=%s %s -> %d: %s",
+            self._peer,
+            record.path,
+            error.status,
+            error.reason,
+            extra={"pqproxy_fields": {"status": error.status, "reason": error.reason}},
         )
         if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -595,23 +623,73 @@ class HttpProxySession:
 
     def _log_request(self, record: RequestRecord) -> None:
         now = time.monotonic()
-        first_byte_ms = (
-            f"{(record.first_byte - record.started) * 1000.0:.1f}" if record.first_byte else "-"
-        )
-        access_logger.info(
-            "peer=%s method=%s path=%s status=%d upstream=%s in=%d out=%d first_byte_ms=%s ms=%.1f",
-            self._peer,
-            record.method,
-            record.path,
-            record.status,
-            record.upstream,
-            record.bytes_in,
-            record.bytes_out,
-            first_byte_ms,
-            (now - record.started) * 1000.0,
-        )
+        seconds = now - record.started
+        first_byte = record.first_byte - record.started if record.first_byte is not None else None
+        upstream = record.upstream if record.upstream != "-" else None
+        if self._telemetry is not None:
+            self._telemetry.request(upstream or "none", record.status, seconds, first_byte)
+        if access_logger.isEnabledFor(logging.INFO):
+            self._write_access_log(record, upstream, seconds, first_byte)
         if self._on_request is not None:
             self._on_request(record)
+
+    def _write_access_log(
+        self,
+        record: RequestRecord,
+        upstream: str | None,
+        seconds: float,
+        first_byte: float | None,
+    ) -> None:
+        """One line per request: plain text, and the same as fields for the JSON formatter
+        (``pqproxy.io.supervisor.JsonFormatter``). The path has no query string, and no
+        header value is logged: prompts and API keys travel there."""
+        info = self._info
+        tls = info.tls if info is not None else None
+        _method, _, path = record.path.partition(" ")
+        fields: dict[str, object] = {
+            "client": info.client if info is not None else self._peer,
+            "sni": tls.sni if tls is not None else None,
+            "alpn": tls.alpn if tls is not None else None,
+            "tls_group": tls.group if tls is not None else None,
+            "tls_cipher": tls.cipher if tls is not None else None,
+            "handshake_ms": round(info.handshake_ms, 3) if info is not None else None,
+            "method": record.method,
+            "path": path or record.path,
+            "status": record.status,
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "upstream": upstream,
+            "first_byte_ms": round(first_byte * 1000.0, 3) if first_byte is not None else None,
+            "duration_ms": round(seconds * 1000.0, 3),
+        }
+        if record.error:
+            fields["error"] = record.error
+        access_logger.info(
+            'peer=%s request="%s %s" status=%d upstream=%s in=%d out=%d first_byte_ms=%s '
+            "ms=%.1f sni=%s alpn=%s group=%s cipher=%s handshake_ms=%s",
+            fields["client"],
+            record.method,
+            fields["path"],
+            record.status,
+            upstream or "-",
+            record.bytes_in,
+            record.bytes_out,
+            _ms(first_byte),
+            seconds * 1000.0,
+            fields["sni"] or "-",
+            fields["alpn"] or "-",
+            fields["tls_group"] or "-",
+            fields["tls_cipher"] or "-",
+            _ms(info.handshake_ms / 1000.0 if info is not None else None),
+            extra={
+                "pqproxy_fields": fields,
+                "pqproxy_summary": f"{record.method} {fields['path']} {record.status}",
+            },
+        )
+
+
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1000.0:.1f}" if seconds is not None else "-"
 
 
 class _Woken(Exception):

@@ -16,6 +16,10 @@ Rules this module keeps:
   port, so the kernel spreads new connections over them. The parent reserves each port first
   (see ``_reserve``), prints the listening lines once every worker reported ready through a
   pipe, forwards SIGTERM/SIGHUP, and restarts a worker that dies unexpectedly.
+- The admin endpoint (``pqproxy.io.admin``): one process serves it on its loop; with
+  workers, the parent serves it from its select loop (no thread: it forks), the workers write
+  their metrics to a private directory made before the first fork and removed at exit, and a
+  worker that exits is marked dead there (its live gauges go, its counts stay).
 - Every wait has a deadline: worker start-up (``STARTUP_TIMEOUT``), the drain
   (``drain_timeout``), the workers' exit after SIGTERM (``drain_timeout + EXIT_GRACE``).
 """
@@ -25,16 +29,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
+import logging.handlers
 import os
-import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,13 +55,34 @@ from ..config import (
     format_duration,
     load_config,
 )
+from ..crypto.backends import BACKEND_MODULES
 from ..crypto.certs import CertificateLoadError, load_certified_key
-from ..crypto.provider import CryptoProvider
+from ..crypto.instrumented import TimedProvider
+from ..crypto.provider import BackendError, CryptoProvider
+from ..metrics import (
+    READY_CHECKS,
+    ProxyMetrics,
+    enable_multiprocess,
+    mark_process_dead,
+    multiprocess_gauge,
+    render_multiprocess,
+)
 from ..relay.http1 import ForwardingOptions
 from ..tls.enums import HYBRID_GROUPS, NamedGroup
 from ..tls.server import ServerConfig
+from .admin import (
+    AdminRoutes,
+    AdminServer,
+    Readiness,
+    ReadinessState,
+    SelectAdminServer,
+    bind_admin_socket,
+    select_with_admin,
+)
 from .http_proxy import HttpSettings
+from .keylog import KEY_LOG_ENV, close_key_logs, open_key_log
 from .loop import ShutdownSignals, run
+from .telemetry import Telemetry
 from .tls_server import ListenerSettings, TLSListener
 from .upstream import HealthCheckSettings, PoolSettings, UpstreamPool
 
@@ -79,6 +108,7 @@ WORKER_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 SINGLE_PROCESS_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s pid=%(process)d %(name)s %(message)s"
 LISTENING_PREFIX = "pqproxy listening on https://"
+ADMIN_PREFIX = "pqproxy admin on http://"
 # Linux prctl(2): deliver a signal to the worker when its parent dies.
 _PR_SET_PDEATHSIG = 1
 
@@ -95,25 +125,51 @@ class ReloadRefused(ServeError):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: what log collectors parse without a pattern."""
+    """One JSON object per line: what log collectors parse without a pattern.
+
+    A record may carry structured fields (``extra={"pqproxy_fields": {...}}``: the access log,
+    connection ends, HTTP errors); they become top-level keys beside the fixed ones, which
+    they never replace. With ``pqproxy_summary`` too, that short text is the message instead
+    of the text line, which would only repeat the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        summary = getattr(record, "pqproxy_summary", None)
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "pid": record.process,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": summary if isinstance(summary, str) else record.getMessage(),
         }
+        fields = getattr(record, "pqproxy_fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                entry.setdefault(key, value)
         if record.exc_info and record.levelno <= logging.DEBUG:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _log_handler(destination: str) -> logging.Handler:
+    if destination == "stderr":
+        return logging.StreamHandler(sys.stderr)
+    if destination == "stdout":
+        return logging.StreamHandler(sys.stdout)
+    # Reopened when logrotate moves the file away. Workers inherit the descriptor, opened
+    # O_APPEND, and write each line with one write(2): their lines never interleave.
+    try:
+        return logging.handlers.WatchedFileHandler(destination, encoding="utf-8")
+    except OSError as exc:
+        raise ServeError(
+            f"logging.destination: cannot open {destination}: {exc.strerror or exc}"
+        ) from None
 
 
 def setup_logging(config: LoggingConfig, level: str | None = None) -> None:
     """Root logging from the config (``level`` overrides it); every line names its pid, so
-    the lines of several workers on one stderr can be told apart."""
-    handler = logging.StreamHandler(sys.stderr)
+    the lines of several workers on one destination can be told apart. Raises ServeError
+    when the destination file cannot be opened."""
+    handler = _log_handler(config.destination)
     if config.format.value == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -220,13 +276,30 @@ def check_servable(config: Config, provider: CryptoProvider) -> None:
         server_config(listener, provider)
 
 
+def key_log_path(listener: ListenerConfig) -> tuple[str, str] | None:
+    """(path, where it came from) of the listener's NSS key log, or None when it is off:
+    ``tls.key_log_file``, else the SSLKEYLOGFILE environment variable."""
+    if listener.tls.key_log_file is not None:
+        return os.fspath(listener.tls.key_log_file), f"listeners.{listener.name}.tls.key_log_file"
+    from_env = os.environ.get(KEY_LOG_ENV)
+    if from_env:
+        return from_env, KEY_LOG_ENV
+    return None
+
+
 def build_runtime(
-    config: Config, provider: CryptoProvider, *, previous: Runtime | None = None
+    config: Config,
+    provider: CryptoProvider,
+    *,
+    previous: Runtime | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Runtime:
-    """Map ``config`` onto listener settings and pools, loading every certificate.
+    """Map ``config`` onto listener settings and pools, loading every certificate and
+    opening the key logs asked for.
 
     With ``previous``, a pool whose upstream section is unchanged is reused as it is (its
     health state and idle connections carry over); the others are new and not started yet.
+    ``telemetry`` goes to every listener (None: nothing is counted).
     Raises ServeError with one line naming what cannot be used.
     """
     pools: dict[str, UpstreamPool] = {}
@@ -249,6 +322,16 @@ def build_runtime(
         upstream = config.upstream_for(listener)
         pool = pools[upstream.name]
         first = upstream.servers[0]
+        key_log = None
+        wanted = key_log_path(listener)
+        if wanted is not None:
+            try:
+                key_log = open_key_log(*wanted)
+            except OSError as exc:
+                raise ServeError(
+                    f"listener {listener.name}: cannot open the key log {wanted[0]} "
+                    f"({wanted[1]}): {exc.strerror or exc}"
+                ) from None
         try:
             settings = ListenerSettings(
                 host=listener.listen.host,
@@ -265,6 +348,8 @@ def build_runtime(
                 mode=listener.mode.value,
                 http=http_settings(listener, upstream) if listener.mode.value == "http" else None,
                 pool=pool,
+                telemetry=telemetry,
+                key_log=key_log,
             )
         except ValueError as exc:
             raise ServeError(f"listener {listener.name}: {exc}") from None
@@ -305,6 +390,10 @@ def check_reloadable(old: Config, new: Config) -> None:
         raise ReloadRefused(
             f"workers changed from {old.workers} to {new.workers}: that needs a restart"
         )
+    if new.admin != old.admin:
+        raise ReloadRefused(
+            f"admin changed from {old.admin or 'off'} to {new.admin or 'off'}: that needs a restart"
+        )
 
 
 def describe_config_error(exc: ConfigError) -> str:
@@ -341,6 +430,32 @@ def announce(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def admin_line(host: str, port: int) -> str:
+    """The line that says where the admin endpoint is (tests parse the port after the host)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{ADMIN_PREFIX}{shown}:{port} (/metrics, /healthz, /readyz)"
+
+
+def run_self_test(provider: CryptoProvider) -> None:
+    """The backend's own start-up self-test (known answers, round trips through every group,
+    signatures); raises ServeError naming what failed. A provider that is not one of
+    pqproxy's backends (a test's) has none to run."""
+    inner = provider.inner if isinstance(provider, TimedProvider) else provider
+    module_name = BACKEND_MODULES.get(inner.name)
+    if module_name is None:
+        return
+    started = time.perf_counter()
+    try:
+        importlib.import_module(module_name).self_test()
+    except BackendError as exc:
+        raise ServeError(f"backend {inner.name} failed its self-test: {exc}") from None
+    logger.info(
+        "backend %s: self-test passed in %.1f ms",
+        inner.name,
+        (time.perf_counter() - started) * 1000.0,
+    )
+
+
 # -- one serving process ------------------------------------------------------------------------
 
 
@@ -356,17 +471,31 @@ class _Server:
 
     runtime: Runtime
     reload_config: Callable[[], Config]
+    telemetry: Telemetry | None = None
+    # Serve the admin endpoint here (one process); a worker leaves it to its supervisor.
+    serve_admin: bool = True
     listeners: list[TLSListener] = field(default_factory=list)
     # Pools replaced by a reload: connections accepted before it still use them.
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    admin: AdminServer | None = None
+    readiness: ReadinessState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readiness = ReadinessState(self.telemetry)
 
     @property
     def config(self) -> Config:
         return self.runtime.config
 
     async def start(self, sockets: Sequence[socket.socket] | None) -> None:
+        # The admin endpoint first: /healthz answers and /readyz says why while the rest
+        # starts (a slow backend self-test, say).
+        await self._start_admin()
+        run_self_test(self.runtime.provider)
+        self.readiness.backend(True)
         for pool in self.runtime.pools.values():
             await pool.start()
+        self.readiness.watch(self._pools_in_use())
         for index, settings in enumerate(self.runtime.listeners):
             listener_config = self.config.listeners[index]
             listener = TLSListener(settings)
@@ -386,9 +515,28 @@ class _Server:
                 pool.name,
                 ", ".join(s.label for s in pool.servers),
             )
-        if self.config.admin is not None:
-            # Say so rather than let an operator believe metrics are served.
-            logger.info("admin endpoint %s: not served by this version", self.config.admin)
+        self.readiness.listeners(True)
+        # Only now: a worker publishes its checks once it serves (see pqproxy.io.admin).
+        self.readiness.start_publishing()
+
+    async def _start_admin(self) -> None:
+        address = self.config.admin
+        if not self.serve_admin or address is None or self.telemetry is None:
+            return
+        metrics = self.telemetry.metrics
+        admin = AdminServer(
+            AdminRoutes(metrics.render, self.readiness.readiness), address.host, address.port
+        )
+        try:
+            await admin.start()
+        except OSError as exc:
+            raise ServeError(f"cannot listen on admin {address}: {exc.strerror or exc}") from None
+        self.admin = admin
+        announce(admin_line(address.host, admin.port))
+
+    def _pools_in_use(self) -> dict[str, UpstreamPool]:
+        used = {listener.upstream for listener in self.config.listeners}
+        return {name: pool for name, pool in self.runtime.pools.items() if name in used}
 
     @property
     def active_connections(self) -> int:
@@ -400,7 +548,7 @@ class _Server:
         try:
             config = self.reload_config()
             check_reloadable(old.config, config)
-            runtime = build_runtime(config, old.provider, previous=old)
+            runtime = build_runtime(config, old.provider, previous=old, telemetry=self.telemetry)
         except ConfigError as exc:
             logger.error("reload refused: %s", describe_config_error(exc))
             return
@@ -438,8 +586,14 @@ class _Server:
                 self.retiring.add(task)
                 task.add_done_callback(self.retiring.discard)
         self.runtime = runtime
+        self.readiness.watch(self._pools_in_use())
         logging.getLogger().setLevel(config.logging.level.upper())
         logging.getLogger("pqproxy.access").disabled = not config.logging.access_log
+        if config.logging.destination != old.config.logging.destination:
+            logger.warning(
+                "logging.destination changed to %s: it takes effect at the next restart",
+                config.logging.destination,
+            )
         logger.info("reloaded configuration from %s", config.source)
 
     @staticmethod
@@ -463,6 +617,7 @@ class _Server:
         SIGTERM/SIGINT closes everything at once."""
         timeout = self.config.drain_timeout
         active = self.active_connections
+        self.readiness.listeners(False, "draining: not accepting new connections")
         drain: asyncio.Future[list[None]] = asyncio.gather(
             *(listener.drain(timeout) for listener in self.listeners)
         )
@@ -504,13 +659,19 @@ class _Server:
             await asyncio.gather(*(listener.close() for listener in self.listeners))
 
     async def close(self) -> None:
-        """Close every listener (immediately) and every pool, retiring ones included."""
+        """Close every listener (immediately) and every pool, retiring ones included, then
+        the admin endpoint."""
+        self.readiness.listeners(False, "shutting down")
         await asyncio.gather(*(listener.close() for listener in self.listeners))
         for task in list(self.retiring):
             task.cancel()
         if self.retiring:
             await asyncio.wait(self.retiring, timeout=EXIT_GRACE)
         await asyncio.gather(*(pool.close() for pool in self.runtime.pools.values()))
+        self.readiness.close()
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
 
 
 async def run_worker(
@@ -521,6 +682,7 @@ async def run_worker(
     sockets: Sequence[socket.socket] | None = None,
     on_ready: Callable[[Sequence[TLSListener]], None] | None = None,
     signals: Sequence[signal.Signals] = SINGLE_PROCESS_SIGNALS,
+    serve_admin: bool = True,
 ) -> None:
     """Serve ``source`` until SIGTERM/SIGINT, reloading on SIGHUP.
 
@@ -529,6 +691,8 @@ async def run_worker(
     (the command line passes one that re-applies its flags). ``sockets``: one bound socket
     per listener (a worker's SO_REUSEPORT sockets); without, each listener binds its address.
     ``on_ready`` runs once every listener accepts; by default it prints the listening lines.
+    Metrics are collected when the configuration has an admin endpoint; ``serve_admin``
+    False leaves serving it to a supervisor (a worker).
     Raises ConfigError or ServeError when the configuration cannot be served.
     """
     if isinstance(source, Config):
@@ -541,7 +705,15 @@ async def run_worker(
     if sockets is not None and len(sockets) != len(config.listeners):
         raise ValueError("run_worker: one socket per listener")
     provider = provider or _default_provider()
-    server = _Server(build_runtime(config, provider), reload_config)
+    telemetry = Telemetry(ProxyMetrics()) if config.admin is not None else None
+    if telemetry is not None:
+        provider = TimedProvider(provider, telemetry.kem_observer)
+    server = _Server(
+        build_runtime(config, provider, telemetry=telemetry),
+        reload_config,
+        telemetry=telemetry,
+        serve_admin=serve_admin,
+    )
     with ShutdownSignals(signals) as caught:
         try:
             await server.start(sockets)
@@ -561,6 +733,7 @@ async def run_worker(
                 break
         finally:
             await server.close()
+            close_key_logs()
     logger.info("stopped")
 
 
@@ -685,11 +858,15 @@ class _Supervisor:
         # Set when start-up failed: the reason, raised once the workers are gone.
         self.failure: str | None = None
         self._saved_handlers: dict[signal.Signals, Any] = {}
+        # The admin endpoint, served here from the select loop; the workers' metric files.
+        self.admin: SelectAdminServer | None = None
+        self.metrics_dir: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         try:
+            self._start_admin()
             for listener in self.config.listeners:
                 sock, bind = _reserve(listener)
                 self.reserved.append(sock)
@@ -710,6 +887,56 @@ class _Supervisor:
             return self._shutdown_loop()
         finally:
             self._cleanup()
+
+    def _start_admin(self) -> None:
+        """Before any fork: the private directory the workers write their metrics to (each
+        worker's values live in files named by its pid), and the admin socket."""
+        address = self.config.admin
+        if address is None:
+            return
+        self.metrics_dir = tempfile.mkdtemp(prefix="pqproxy-metrics-")
+        enable_multiprocess(self.metrics_dir)
+        logger.info("supervisor: workers write their metrics to %s", self.metrics_dir)
+        metrics_dir = self.metrics_dir
+        try:
+            sock = bind_admin_socket(address.host, address.port)
+        except OSError as exc:
+            raise ServeError(f"cannot listen on admin {address}: {exc.strerror or exc}") from None
+        self.admin = SelectAdminServer(
+            AdminRoutes(lambda: render_multiprocess(metrics_dir), self._readiness), sock
+        )
+        announce(admin_line(address.host, self.admin.port))
+
+    def _readiness(self) -> Readiness:
+        """Ready when at least one worker serves and every check passes in every worker
+        that published its checks (pqproxy_ready is livemin over the live workers)."""
+        if self.stopping:
+            return Readiness(False, "shutting down")
+        serving = sum(1 for w in self.workers.values() if w.ready)
+        if serving == 0 or self.metrics_dir is None:
+            return Readiness(False, "listeners not bound: no worker is serving yet")
+        checks = {
+            labels.get("check", ""): value
+            for labels, value in multiprocess_gauge(self.metrics_dir, "pqproxy_ready")
+        }
+        for check in READY_CHECKS:
+            if checks.get(check, 0.0) >= 1.0:
+                continue
+            if check == "listeners":
+                return Readiness(False, "listeners not bound in every worker")
+            if check == "backend":
+                return Readiness(False, "backend self-test not passed in every worker")
+            down = sorted(
+                labels.get("upstream", "?")
+                for labels, value in multiprocess_gauge(
+                    self.metrics_dir, "pqproxy_upstream_healthy"
+                )
+                if value < 1.0
+            )
+            return Readiness(
+                False, "no healthy upstream" + (f" ({', '.join(down)} down)" if down else "")
+            )
+        return Readiness(True, f"{serving} of {self.count} workers serving")
 
     def _install_signals(self) -> None:
         for sig in SUPERVISOR_SIGNALS:
@@ -733,6 +960,13 @@ class _Supervisor:
             sock.close()
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            self.metrics_dir = None
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -778,6 +1012,8 @@ class _Supervisor:
                 self._close_ready(worker)
             for sock in self.reserved:
                 sock.close()
+            if self.admin is not None:
+                self.admin.close_in_child()
             _set_parent_death_signal(parent)
             code = _worker_process(
                 self.config, self.reload_config, self.provider, self.binds, ready_w, self.use_uvloop
@@ -824,6 +1060,9 @@ class _Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 exited.append((worker, status))
+                if self.metrics_dir is not None:
+                    # Its live gauges (connections, health, readiness) go; its counts stay.
+                    mark_process_dead(pid, self.metrics_dir)
         return exited
 
     def _signals_received(self, readable: Sequence[int]) -> list[signal.Signals]:
@@ -837,11 +1076,12 @@ class _Supervisor:
         return received
 
     def _select(self, timeout: float) -> list[int]:
+        """Wait for a signal, a worker's message or the timeout; admin requests that arrive
+        meanwhile are answered here too."""
         fds = [self.wakeup_r] + [
             w.ready_fd for w in self.workers.values() if w.ready_fd is not None
         ]
-        readable, _, _ = select.select(fds, [], [], max(timeout, 0.0))
-        return readable
+        return select_with_admin(self.admin, fds, timeout)
 
     def _wait_ready(self) -> bool:
         """Until every worker reported ready: True, or False (after logging why) when one
@@ -1061,6 +1301,7 @@ def _worker_process(
                 sockets=sockets,
                 on_ready=on_ready,
                 signals=WORKER_SIGNALS,
+                serve_admin=False,
             ),
             use_uvloop=use_uvloop,
         )

@@ -43,8 +43,9 @@ from ..tls.events import (
     SignatureNeeded,
 )
 from ..tls.server import ServerConfig, ServerConnection
-from .http_proxy import HttpProxySession, HttpSettings
+from .http_proxy import ConnectionInfo, HttpProxySession, HttpSettings
 from .loop import ShutdownSignals
+from .telemetry import Telemetry
 from .upstream import NoUpstreamAvailable, UpstreamPool, UpstreamServer
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class ListenerSettings:
     # When set, each connection (tcp) or request (http) picks its server from the pool;
     # otherwise upstream_host:upstream_port is the one server.
     pool: UpstreamPool | None = None
+    # Metrics of this process; None: nothing is counted (no admin endpoint to read them).
+    telemetry: Telemetry | None = None
+    # The engine's NSS key-log hook (pqproxy.io.keylog); None: off, and free.
+    key_log: Callable[[str, bytes, bytes], None] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("http", "tcp"):
@@ -133,6 +138,21 @@ class ConnectionSnapshot:
 
 HandshakeHook = Callable[[HandshakeComplete, str], None]
 TerminatedHook = Callable[[ConnectionClosed], None]
+
+_FAILURE_REASONS = {
+    CloseKind.PEER_EOF: "client_closed",
+    CloseKind.HANDSHAKE_TIMEOUT: "timeout",
+    CloseKind.SHUTDOWN: "shutdown",
+    CloseKind.INTERNAL_ERROR: "internal_error",
+}
+
+
+def handshake_failure_reason(summary: ConnectionClosed) -> str:
+    """The ``reason`` label of a handshake that did not complete: the alert pqproxy sent, or
+    one of a few fixed words (pqproxy.metrics.FAILURE_REASONS); never free text."""
+    if summary.kind is CloseKind.TLS_ALERT and summary.alert is not None:
+        return summary.alert.name if summary.alert_sent else "client_alert"
+    return _FAILURE_REASONS.get(summary.kind, "other")
 
 
 def enum_name(enum_cls: type[IntEnum], value: int | None) -> str:
@@ -326,6 +346,12 @@ class _ClientConnection(asyncio.Protocol):
         self._alert_sent = False
         self._bytes_from_client = 0
         self._bytes_to_client = 0
+        self._telemetry = self._settings.telemetry
+        # The handshake's clock starts with the first ClientHello byte, not the accept: a
+        # client that connects and waits is not a slow handshake.
+        self._first_byte_at: float | None = None
+        # The key-exchange group's backend, once the engine asked for the exchange.
+        self._kx_backend: str | None = None
 
     def snapshot(self) -> ConnectionSnapshot:
         client, upstream = self._transport, self._upstream
@@ -359,8 +385,13 @@ class _ClientConnection(asyncio.Protocol):
                 transport.close()
                 return
             self._admitted = True
+            if self._telemetry is not None:
+                self._telemetry.connections_active.inc()
             self._tls = ServerConnection(
-                self._settings.server_config, self._settings.provider, os.urandom
+                self._settings.server_config,
+                self._settings.provider,
+                os.urandom,
+                key_log=self._settings.key_log,
             )
             transport.set_write_buffer_limits(high=self._settings.write_high_water)
             self._handshake_timer = self._loop.call_later(
@@ -373,6 +404,10 @@ class _ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         try:
+            if self._first_byte_at is None:
+                self._first_byte_at = time.monotonic()
+            if self._telemetry is not None:
+                self._telemetry.received_bytes.inc(len(data))
             self._last_activity = self._loop.time()
             self._tls.receive_data(data)
             self._pump()
@@ -427,6 +462,8 @@ class _ClientConnection(asyncio.Protocol):
                 bytes_from_client=self._bytes_from_client,
                 bytes_to_client=self._bytes_to_client,
             )
+            if self._telemetry is not None:
+                self._count_end(self._telemetry, summary)
             if self._admitted:
                 self._listener._release(self, summary)
             else:
@@ -436,6 +473,28 @@ class _ClientConnection(asyncio.Protocol):
                         hook(summary)
                     except Exception as exc3:
                         logger.error("on_terminated hook failed: %s", exc3)
+
+    def _count_end(self, telemetry: Telemetry, summary: ConnectionClosed) -> None:
+        try:
+            telemetry.connection_closed(summary.kind.value)
+            if summary.alert is not None and summary.alert_sent:
+                telemetry.alert_sent(summary.alert)
+            if not self._admitted:
+                return
+            telemetry.connections_active.dec()
+            if not summary.handshake_complete and self._first_byte_at is not None:
+                tls = self._tls
+                telemetry.handshake(
+                    group=tls.group,
+                    cipher_suite=tls.cipher_suite,
+                    backend=self._kx_backend or self._settings.provider.name,
+                    hrr=tls.hello_retry,
+                    ok=False,
+                    offered_groups=tls.offered_groups,
+                    failure_reason=handshake_failure_reason(summary),
+                )
+        except Exception as exc:
+            logger.error("peer=%s metrics failed: %s: %s", self._peer, type(exc).__name__, exc)
 
     def pause_writing(self) -> None:
         # The client is not keeping up: stop taking bytes from the upstream.
@@ -510,35 +569,69 @@ class _ClientConnection(asyncio.Protocol):
 
     def _resolve_crypto(self, event: KeyExchangeNeeded | SignatureNeeded) -> None:
         """Run the engine's crypto request and hand the result back. Inline for now: this is
-        the one seam where offload (a pool, a batch queue, a token) will make it async."""
+        the one seam where offload (a pool, a batch queue, a token) will make it async.
+
+        Timing: ``requested`` is taken when the engine asks, and ``_crypto_done`` runs just
+        before the result goes back to the engine; an async offload keeps ``requested`` and
+        calls ``_crypto_done`` from its completion, so the phase histograms then include the
+        time queued."""
         tls = self._tls
+        requested = time.perf_counter()
         if isinstance(event, KeyExchangeNeeded):
+            self._kx_backend = event.exchange.backend
             try:
                 server_share, secret = event.exchange.server_exchange(event.client_share)
             except Exception as exc:
+                self._crypto_done(event, requested)
                 tls.fail_key_exchange(exc)
             else:
+                self._crypto_done(event, requested)
                 tls.complete_key_exchange(server_share, secret)
         else:
             try:
                 signature = event.signer.sign(event.scheme, event.message)
             except Exception as exc:
+                self._crypto_done(event, requested)
                 tls.fail_signature(exc)
             else:
+                self._crypto_done(event, requested)
                 tls.complete_signature(signature)
+
+    def _crypto_done(self, event: KeyExchangeNeeded | SignatureNeeded, requested: float) -> None:
+        telemetry = self._telemetry
+        if telemetry is None:
+            return
+        seconds = time.perf_counter() - requested
+        if isinstance(event, KeyExchangeNeeded):
+            telemetry.key_exchange(event.group, event.exchange.backend, seconds)
+        else:
+            telemetry.signed(event.scheme, event.signer.backend, seconds)
 
     def _flush(self) -> None:
         data = self._tls.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
             self._bytes_to_client += len(data)
+            if self._telemetry is not None:
+                self._telemetry.sent_bytes.inc(len(data))
 
     def _on_handshake_complete(self, event: HandshakeComplete) -> None:
         self._handshake_done = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        elapsed_ms = (time.monotonic() - self._started) * 1000.0
+        handshake_seconds = time.monotonic() - (self._first_byte_at or self._started)
+        elapsed_ms = handshake_seconds * 1000.0
+        if self._telemetry is not None:
+            self._telemetry.handshake(
+                group=event.group,
+                cipher_suite=event.cipher_suite,
+                backend=self._kx_backend or self._settings.provider.name,
+                hrr=event.hello_retry,
+                ok=True,
+                offered_groups=event.offered_groups,
+                seconds=handshake_seconds,
+            )
         logger.info(
             "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s ms=%.1f",
             self._peer,
@@ -565,13 +658,16 @@ class _ClientConnection(asyncio.Protocol):
             peername = transport.get_extra_info("peername") if transport is not None else None
             client_ip = str(peername[0]) if isinstance(peername, tuple) else "unknown"
             listener, first_pool = self._listener, settings.pool
+            tls_info = ClientTLSInfo.from_handshake(event)
             self._http = HttpProxySession(
                 self,
                 settings.http,
                 lambda: listener.settings.pool or first_pool,
-                ClientTLSInfo.from_handshake(event),
+                tls_info,
                 client_ip,
                 self._peer,
+                info=ConnectionInfo(self._peer, tls_info, elapsed_ms),
+                telemetry=self._telemetry,
             )
             self._http_task = self._loop.create_task(self._http.run())
             self._http_task.add_done_callback(self._http_done)
@@ -859,8 +955,11 @@ class _ClientConnection(asyncio.Protocol):
 
     def _log_end(self, level: int) -> None:
         alert = "-"
+        fields: dict[str, object] = {"kind": self._kind.value, "reason": self._reason}
         if self._alert is not None:
             alert = f"{self._alert.name}({'sent' if self._alert_sent else 'received'})"
+            fields["alert"] = self._alert.name
+            fields["alert_sent"] = self._alert_sent
         logger.log(
             level,
             "connection end peer=%s kind=%s alert=%s reason=%s in=%d out=%d ms=%.1f",
@@ -871,6 +970,7 @@ class _ClientConnection(asyncio.Protocol):
             self._bytes_from_client,
             self._bytes_to_client,
             (time.monotonic() - self._started) * 1000.0,
+            extra={"pqproxy_fields": fields},
         )
 
 

@@ -269,6 +269,7 @@ class ServerConnection:
         self._schedule: KeySchedule | None = None
         self._client_hello: ClientHello | None = None
         self._hrr_group: int | None = None
+        self._offered_groups: tuple[int, ...] | None = None
         self._group: int | None = None
         self._certified_index = 0
         self._scheme = 0
@@ -311,6 +312,17 @@ class ServerConnection:
     @property
     def server_name(self) -> str | None:
         return self._client_hello.server_name if self._client_hello else None
+
+    @property
+    def offered_groups(self) -> tuple[int, ...] | None:
+        """The first ClientHello's supported_groups once it parsed, also when the handshake
+        then failed (metrics: which clients a pq_policy would refuse); None before."""
+        return self._offered_groups
+
+    @property
+    def hello_retry(self) -> bool:
+        """Whether a HelloRetryRequest was sent."""
+        return self._hrr_group is not None
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the socket; ``b""`` means the peer closed the transport."""
@@ -565,6 +577,8 @@ class ServerConnection:
             raise alerts.MissingExtension("no supported_groups/key_share")  # §9.2
         if hello.pre_shared_key and hello.psk_key_exchange_modes is None:
             raise alerts.MissingExtension("pre_shared_key without psk_key_exchange_modes")
+        if first:
+            self._offered_groups = hello.supported_groups
         offered = set(hello.supported_groups)
         for share_group, _share in hello.key_shares:
             # §4.2.8: every share must be for an offered group.

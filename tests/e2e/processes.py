@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +70,12 @@ class Process:
     """A pqproxy subprocess whose stderr is read on a thread, so the pipe never fills and a
     test can wait for a line with a deadline."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, extra_env: Mapping[str, str] | None = None) -> None:
         self.args = args
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "pqproxy", *args],
             cwd=REPO_ROOT,
-            env=env(),
+            env={**env(), **(extra_env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -214,8 +214,8 @@ class Serve:
     port: int
 
 
-def start_serve(*args: str) -> Serve:
-    proc = Process("serve", *args)
+def start_serve(*args: str, extra_env: Mapping[str, str] | None = None) -> Serve:
+    proc = Process("serve", *args, extra_env=extra_env)
     try:
         match = proc.wait_for_line(LISTENING_RE)
     except BaseException:

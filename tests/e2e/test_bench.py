@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 
 from pqproxy.bench.handshake import HandshakeOptions, run_handshake_bench
+from pqproxy.bench.pool import interleave
 from pqproxy.bench.procs import ServerProcess, python_env
-from pqproxy.bench.report import HANDSHAKE_FIELDS, REQUEST_FIELDS, field_paths
+from pqproxy.bench.report import HANDSHAKE_FIELDS, REQUEST_FIELDS, field_paths, summarize
 from pqproxy.crypto.backends.openssl import OpenSSLProvider
 from pqproxy.crypto.certs import load_certified_key
 from pqproxy.demo_upstream import serve_demo_upstream
@@ -198,7 +199,7 @@ def check_report(result: dict[str, Any], *, hrr: bool = False) -> None:
     assert result["handshakes_per_s"] == pytest.approx(COUNT / result["wall_seconds"])
     assert list(result["groups"]) == list(GROUPS)
     for name, group in result["groups"].items():
-        # Round-robin over the groups: exactly half of the attempts each.
+        # Every group once per cycle of len(GROUPS) attempts: exactly half of them each.
         assert group["attempts"] == COUNT // len(GROUPS)
         assert group["successes"] + group["errors"] == group["attempts"]
         assert group["negotiated"] == {name: group["successes"]}
@@ -397,3 +398,84 @@ def test_request_bench_compares_direct_hybrid_and_classical(tmp_path: Path) -> N
         ("proxy-X25519MLKEM768", "proxy-X25519"),
     }
     assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_request_bench_against_the_baseline_without_a_direct_path(
+    baseline_port: int, dev_certs: DevCertPaths, tmp_path: Path
+) -> None:
+    """Plain responses (no SSE: no time-to-first-token), keep-alive, and the baseline's own
+    HTTP answers, 100 kB each, read to the end on every path."""
+    report = tmp_path / "request.json"
+    size = 100_000
+    done = bench_cli(
+        "request",
+        "--proxy",
+        f"127.0.0.1:{baseline_port}",
+        "--cafile",
+        str(dev_certs.ca),
+        "--method",
+        "GET",
+        "--path",
+        f"/bytes/{size}",
+        "--no-stream",
+        "--count",
+        "20",
+        "--concurrency",
+        "2",
+        "--processes",
+        "1",
+        "--json",
+        str(report),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    assert field_paths(result) == set(REQUEST_FIELDS)
+    assert result["upstream"] is None
+    assert list(result["paths"]) == ["proxy-X25519MLKEM768", "proxy-X25519"]
+    assert result["successes"] == result["requests"] == 20
+    for path in result["paths"].values():
+        assert path["successes"] == 10
+        assert path["response_bytes_mean"] == size
+        assert path["ttft_ms"]["count"] == 0 and path["ttft_ms"]["p50"] is None
+        assert 0 < path["ttfb_ms"]["p50"] <= path["total_ms"]["p50"]
+    assert [(o["path"], o["baseline"]) for o in result["overhead"]] == [
+        ("proxy-X25519MLKEM768", "proxy-X25519")
+    ]
+    assert result["overhead"][0]["ttft_p50_ms"] is None
+
+
+@pytest.mark.parametrize("variants", [2, 3])
+def test_interleave_takes_every_variant_once_per_cycle_in_varying_orders(variants: int) -> None:
+    cycles = [[interleave(c * variants + p, variants) for p in range(variants)] for c in range(60)]
+    assert all(sorted(cycle) == list(range(variants)) for cycle in cycles)
+    # No variant always comes first, so none always follows the same other one.
+    assert {cycle[0] for cycle in cycles} == set(range(variants))
+    assert interleave(7, variants) == interleave(7, variants)  # seeded: runs repeat
+
+
+def test_field_paths_catch_a_missing_and_an_undocumented_field() -> None:
+    document = {
+        "a": 1,
+        "groups": {"X25519": {"ok": 1, "latency_ms": summarize([1.0, 2.0])}},
+        "overhead": [{"group": "X25519MLKEM768"}],
+        "warnings": [],
+    }
+    assert field_paths(document) == {
+        "a",
+        "groups.*.ok",
+        "groups.*.latency_ms",
+        "overhead[].group",
+        "warnings",
+    }
+    del document["a"]
+    document["b"] = 2
+    assert "a" not in field_paths(document) and "b" in field_paths(document)
+
+
+def test_summary_percentiles_interpolate() -> None:
+    summary = summarize(float(v) for v in range(1, 101))
+    assert summary["count"] == 100
+    assert summary["min"] == 1.0 and summary["max"] == 100.0
+    assert summary["p50"] == pytest.approx(50.5)
+    assert summary["p99"] == pytest.approx(99.01)
+    assert summarize([])["p50"] is None

@@ -163,7 +163,15 @@ def test_json_log_format(tmp_path: Path, certs: Certs, upstream_port: int) -> No
     entries = [json.loads(line) for line in logged]
     assert {e["pid"] for e in entries} == {serve.proc.popen.pid}
     assert any(e["message"].startswith("handshake ok ") for e in entries)
-    assert all(set(e) == {"time", "level", "pid", "logger", "message"} for e in entries)
+    fixed = {"time", "level", "pid", "logger", "message"}
+    assert all(fixed <= set(e) for e in entries)
+    # Structured fields only where a line has them: the access log and connection ends.
+    assert {e["logger"] for e in entries if set(e) != fixed} == {
+        "pqproxy.access",
+        "pqproxy.io.tls_server",
+    }
+    (access,) = [e for e in entries if e["logger"] == "pqproxy.access"]
+    assert (access["method"], access["path"], access["status"]) == ("GET", "/health", 200)
 
 
 def test_flags_override_the_file(
