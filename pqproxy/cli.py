@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, backends_cli
 from .crypto.provider import BackendError, CryptoProvider
 from .devcert import KEY_TYPES, generate_dev_certs
 from .tls.enums import NamedGroup
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
     _add_log_level(demo)
 
+    backends_cli.register(sub)
+
     check = sub.add_parser(
         "check-config", help="validate a YAML config file and print what it sets up"
     )
@@ -222,13 +224,13 @@ def _announce(line: str) -> None:
 # -- subcommands ------------------------------------------------------------------------------
 
 
-def _make_provider() -> CryptoProvider:
-    from .crypto.backends.openssl import OpenSSLProvider
+def _make_provider(config: Config) -> CryptoProvider:
+    from .crypto.offload import OffloadConfigError, create_provider
 
     try:
-        return OpenSSLProvider()
-    except BackendError as exc:
-        raise StartupError(str(exc)) from None
+        return create_provider(config.crypto.backend)
+    except (BackendError, OffloadConfigError) as exc:
+        raise StartupError(f"crypto: {exc}") from None
 
 
 class _ConfigProblems(Exception):
@@ -320,7 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _ConfigProblems(exc) from None
     try:
         setup_logging(config.logging)
-        provider = _make_provider()
+        provider = _make_provider(config)
         check_servable(config, provider)
         if config.workers > 1:
             return run_supervisor(
@@ -401,6 +403,7 @@ COMMANDS = {
     "gen-cert": cmd_gen_cert,
     "demo-upstream": cmd_demo_upstream,
     "check-config": cmd_check_config,
+    "backends": backends_cli.run,
 }
 
 

@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .crypto.backends import BACKEND_MODULES
+from .crypto.offload import OffloadMode
 from .tls.enums import HYBRID_GROUPS, CipherSuite, NamedGroup
 from .tls.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, PqPolicy
 
@@ -206,6 +208,34 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchConfig:
+    max_items: int = 32  # a batch runs as soon as it holds this many requests
+    max_delay: float = 200e-6  # ... or this long after its first one
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failures: int = 5  # consecutive key-exchange failures that switch to the fallback
+    probe_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CryptoConfig:
+    """Which backend does the key exchange (and signs, for keys it holds) and how its calls
+    run (pqproxy.crypto.offload). One per process: pools and token sessions are per-process
+    resources shared by every listener."""
+
+    backend: str = "openssl"
+    offload: OffloadMode = OffloadMode.INLINE
+    workers: int = 4
+    concurrency: int = 64
+    timeout: float = 2.0
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    fallback: str | None = None
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: tuple[UpstreamConfig, ...]  # in file order; look up by name with upstream()
@@ -213,6 +243,7 @@ class Config:
     admin: ServerAddress | None = DEFAULT_ADMIN
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     drain_timeout: float = 30.0
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
     source: str = "<config>"
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -227,8 +258,16 @@ class Config:
 
 # -- scalar parsers: raise ValueError with the message, the caller adds the path ---------------
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|µs|ms|s|m|h)?\s*$")
+_DURATION_UNITS = {
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    None: 1.0,
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 _SIZE_UNITS = {
     "": 1,
@@ -557,7 +596,7 @@ class _Parser:
         top = self.section(
             "",
             data,
-            ["workers", "admin", "logging", "drain_timeout", "listeners", "upstreams"],
+            ["workers", "admin", "logging", "drain_timeout", "crypto", "listeners", "upstreams"],
         )
         if not top and not isinstance(data, dict):
             return None
@@ -568,6 +607,7 @@ class _Parser:
         drain = self.get(
             top, "", "drain_timeout", lambda v: parse_duration(v, allow_zero=True), 30.0
         )
+        crypto = self.crypto(top.get("crypto"))
         upstreams: tuple[UpstreamConfig, ...] = ()
         # Names as written, so that a pool with a bad server is still a valid reference.
         pool_names: list[str] | None = None
@@ -592,7 +632,71 @@ class _Parser:
             admin=admin,
             logging=logging,
             drain_timeout=drain,
+            crypto=crypto,
             source=source,
+        )
+
+    def crypto(self, value: object) -> CryptoConfig:
+        path = "crypto"
+        keys = [
+            "backend",
+            "offload",
+            "workers",
+            "concurrency",
+            "timeout",
+            "batch",
+            "fallback",
+            "breaker",
+        ]
+        raw = self.section(path, value, keys)
+        d = CryptoConfig()
+        backends = list(BACKEND_MODULES)
+        backend = self.get(raw, path, "backend", lambda v: _choice(v, backends), d.backend)
+        offload = self.get(raw, path, "offload", _enum(OffloadMode), d.offload)
+        fallback = self.get(raw, path, "fallback", lambda v: _choice(v, backends), None)
+        if fallback is not None and fallback == backend:
+            self.add(_join(path, "fallback"), f"must be another backend than {backend}")
+        if offload is OffloadMode.PROCESS:
+            for key, name in (("backend", backend), ("fallback", fallback)):
+                if name == "pkcs11":
+                    self.add(
+                        _join(path, key),
+                        "pkcs11 cannot run in offload: process (a PKCS#11 session belongs "
+                        "to the process that logged in); use offload: thread",
+                    )
+        batch_path = _join(path, "batch")
+        if "batch" in raw and offload is not OffloadMode.BATCH:
+            self.add(batch_path, f"applies to offload: batch only (this is {offload.value})")
+        raw_batch = self.section(batch_path, raw.get("batch"), ["max_items", "max_delay"])
+        batch = BatchConfig(
+            max_items=self.get(raw_batch, batch_path, "max_items", lambda v: _int(v, 1), 32),
+            max_delay=self.get(
+                raw_batch,
+                batch_path,
+                "max_delay",
+                lambda v: parse_duration(v, allow_zero=True),
+                200e-6,
+            ),
+        )
+        breaker_path = _join(path, "breaker")
+        if "breaker" in raw and fallback is None:
+            self.add(breaker_path, "applies with a fallback only")
+        raw_breaker = self.section(breaker_path, raw.get("breaker"), ["failures", "probe_interval"])
+        breaker = BreakerConfig(
+            failures=self.get(raw_breaker, breaker_path, "failures", lambda v: _int(v, 1), 5),
+            probe_interval=self.get(
+                raw_breaker, breaker_path, "probe_interval", parse_duration, 5.0
+            ),
+        )
+        return CryptoConfig(
+            backend=backend,
+            offload=offload,
+            workers=self.get(raw, path, "workers", lambda v: _int(v, 1), d.workers),
+            concurrency=self.get(raw, path, "concurrency", lambda v: _int(v, 1), d.concurrency),
+            timeout=self.get(raw, path, "timeout", parse_duration, d.timeout),
+            batch=batch,
+            fallback=fallback,
+            breaker=breaker,
         )
 
     def logging(self, value: object) -> LoggingConfig:

@@ -16,10 +16,6 @@ Rules this module keeps:
   port, so the kernel spreads new connections over them. The parent reserves each port first
   (see ``_reserve``), prints the listening lines once every worker reported ready through a
   pipe, forwards SIGTERM/SIGHUP, and restarts a worker that dies unexpectedly.
-- The admin endpoint (``pqproxy.io.admin``): one process serves it on its loop; with
-  workers, the parent serves it from its select loop (no thread: it forks), the workers write
-  their metrics to a private directory made before the first fork and removed at exit, and a
-  worker that exits is marked dead there (its live gauges go, its counts stay).
 - Every wait has a deadline: worker start-up (``STARTUP_TIMEOUT``), the drain
   (``drain_timeout``), the workers' exit after SIGTERM (``drain_timeout + EXIT_GRACE``).
 """
@@ -49,6 +45,7 @@ from typing import Any, NoReturn
 from ..config import (
     Config,
     ConfigError,
+    CryptoConfig,
     ListenerConfig,
     LoggingConfig,
     UpstreamConfig,
@@ -58,7 +55,17 @@ from ..config import (
 from ..crypto.backends import BACKEND_MODULES
 from ..crypto.certs import CertificateLoadError, load_certified_key
 from ..crypto.instrumented import TimedProvider
+from ..crypto.offload import (
+    BatchSettings,
+    BreakerSettings,
+    OffloadConfigError,
+    Offloader,
+    OffloadSettings,
+    build_offloader,
+    create_provider,
+)
 from ..crypto.provider import BackendError, CryptoProvider
+from ..crypto.selftest import SelfTestError, run_startup_self_tests
 from ..metrics import (
     READY_CHECKS,
     ProxyMetrics,
@@ -190,6 +197,7 @@ class Runtime:
     provider: CryptoProvider
     listeners: tuple[ListenerSettings, ...]
     pools: dict[str, UpstreamPool]
+    offloader: Offloader | None = None
 
 
 def pool_settings(upstream: UpstreamConfig) -> PoolSettings:
@@ -239,9 +247,12 @@ def http_settings(listener: ListenerConfig, upstream: UpstreamConfig) -> HttpSet
     )
 
 
-def server_config(listener: ListenerConfig, provider: CryptoProvider) -> ServerConfig:
+def server_config(
+    listener: ListenerConfig, provider: CryptoProvider, offloader: Offloader | None = None
+) -> ServerConfig:
     """The listener's TLS configuration with its certificates loaded (ServeError if one
-    cannot be used, or the backend lacks a group)."""
+    cannot be used, or the backend lacks a group). Each key is registered with
+    ``offloader``: process mode needs the PEM to load it in its workers."""
     tls = listener.tls
     missing = [NamedGroup(g).name for g in tls.groups if g not in provider.groups]
     if missing:
@@ -256,6 +267,11 @@ def server_config(listener: ListenerConfig, provider: CryptoProvider) -> ServerC
             raise ServeError(f"listener {listener.name}: {exc}") from None
         if cert.server_names is not None:
             certified = replace(certified, names=cert.server_names)
+        if offloader is not None:
+            try:
+                offloader.register_signer(certified.signer, _pem_or_none(cert.key))
+            except OffloadConfigError as exc:
+                raise ServeError(f"listener {listener.name}: {cert.key}: {exc}") from None
         certificates.append(certified)
     try:
         return ServerConfig(
@@ -267,6 +283,44 @@ def server_config(listener: ListenerConfig, provider: CryptoProvider) -> ServerC
         )
     except ValueError as exc:
         raise ServeError(f"listener {listener.name}: {exc}") from None
+
+
+def _pem_or_none(path: Path) -> bytes | None:
+    """The key file's bytes when it is a PEM key (what a worker process can load), None for
+    a key held elsewhere (a pkcs11: URI)."""
+    data = path.read_bytes()
+    return data if b"-----BEGIN" in data else None
+
+
+def offload_settings(crypto: CryptoConfig) -> OffloadSettings:
+    return OffloadSettings(
+        backend=crypto.backend,
+        mode=crypto.offload,
+        workers=crypto.workers,
+        concurrency=crypto.concurrency,
+        timeout=crypto.timeout,
+        batch=BatchSettings(crypto.batch.max_items, crypto.batch.max_delay),
+        fallback=crypto.fallback,
+        breaker=BreakerSettings(crypto.breaker.failures, crypto.breaker.probe_interval),
+    )
+
+
+def crypto_self_test(runtime: Runtime) -> None:
+    """The start-up gate: every configured backend (known answers where it takes fixed
+    randomness, cross-checks with another implementation, its own tests) and every
+    certificate's key (signs, and verifies with its certificate). ServeError names every
+    check that failed."""
+    crypto = runtime.config.crypto
+    provider = runtime.provider
+    inner = provider.inner if isinstance(provider, TimedProvider) else provider
+    keys = [c for listener in runtime.listeners for c in listener.server_config.certificates]
+    backends = [crypto.backend] + ([crypto.fallback] if crypto.fallback else [])
+    try:
+        reports = run_startup_self_tests(backends, keys, providers={crypto.backend: inner})
+    except SelfTestError as exc:
+        raise ServeError(str(exc)) from None
+    for report in reports:
+        logger.info("self-test %s: %s", report.backend, report.summary())
 
 
 def check_servable(config: Config, provider: CryptoProvider) -> None:
@@ -293,6 +347,7 @@ def build_runtime(
     *,
     previous: Runtime | None = None,
     telemetry: Telemetry | None = None,
+    offloader: Offloader | None = None,
 ) -> Runtime:
     """Map ``config`` onto listener settings and pools, loading every certificate and
     opening the key logs asked for.
@@ -336,7 +391,7 @@ def build_runtime(
             settings = ListenerSettings(
                 host=listener.listen.host,
                 port=listener.listen.port,
-                server_config=server_config(listener, provider),
+                server_config=server_config(listener, provider, offloader),
                 provider=provider,
                 # Unused while ``pool`` is set; the pool's first server, for what logs them.
                 upstream_host=first.host,
@@ -350,11 +405,18 @@ def build_runtime(
                 pool=pool,
                 telemetry=telemetry,
                 key_log=key_log,
+                offloader=offloader,
             )
         except ValueError as exc:
             raise ServeError(f"listener {listener.name}: {exc}") from None
         listeners.append(settings)
-    return Runtime(config=config, provider=provider, listeners=tuple(listeners), pools=pools)
+    return Runtime(
+        config=config,
+        provider=provider,
+        listeners=tuple(listeners),
+        pools=pools,
+        offloader=offloader,
+    )
 
 
 def _upstream_or_none(config: Config, name: str) -> UpstreamConfig | None:
@@ -390,6 +452,8 @@ def check_reloadable(old: Config, new: Config) -> None:
         raise ReloadRefused(
             f"workers changed from {old.workers} to {new.workers}: that needs a restart"
         )
+    if new.crypto != old.crypto:
+        raise ReloadRefused("crypto changed: the backend and its worker pools need a restart")
     if new.admin != old.admin:
         raise ReloadRefused(
             f"admin changed from {old.admin or 'off'} to {new.admin or 'off'}: that needs a restart"
@@ -491,7 +555,13 @@ class _Server:
         # The admin endpoint first: /healthz answers and /readyz says why while the rest
         # starts (a slow backend self-test, say).
         await self._start_admin()
-        run_self_test(self.runtime.provider)
+        crypto_self_test(self.runtime)
+        if self.runtime.offloader is not None:
+            try:
+                await self.runtime.offloader.start()
+            except (BackendError, OffloadConfigError) as exc:
+                raise ServeError(f"crypto offload: {exc}") from None
+            logger.info("crypto: %s", self.runtime.offloader.describe())
         self.readiness.backend(True)
         for pool in self.runtime.pools.values():
             await pool.start()
@@ -548,7 +618,13 @@ class _Server:
         try:
             config = self.reload_config()
             check_reloadable(old.config, config)
-            runtime = build_runtime(config, old.provider, previous=old, telemetry=self.telemetry)
+            runtime = build_runtime(
+                config,
+                old.provider,
+                previous=old,
+                telemetry=self.telemetry,
+                offloader=old.offloader,
+            )
         except ConfigError as exc:
             logger.error("reload refused: %s", describe_config_error(exc))
             return
@@ -668,6 +744,8 @@ class _Server:
         if self.retiring:
             await asyncio.wait(self.retiring, timeout=EXIT_GRACE)
         await asyncio.gather(*(pool.close() for pool in self.runtime.pools.values()))
+        if self.runtime.offloader is not None:
+            await self.runtime.offloader.close()
         self.readiness.close()
         if self.admin is not None:
             await self.admin.close()
@@ -704,12 +782,25 @@ async def run_worker(
         reload_config = reload or (lambda: load_config(path))
     if sockets is not None and len(sockets) != len(config.listeners):
         raise ValueError("run_worker: one socket per listener")
-    provider = provider or _default_provider()
+    crypto = config.crypto
+    try:
+        # Created here, in the serving process (a worker, after the fork): a token session
+        # or a pool belongs to the process that made it.
+        provider = provider or create_provider(crypto.backend)
+        fallback = create_provider(crypto.fallback) if crypto.fallback else None
+    except (BackendError, OffloadConfigError) as exc:
+        raise ServeError(f"crypto: {exc}") from None
     telemetry = Telemetry(ProxyMetrics()) if config.admin is not None else None
     if telemetry is not None:
         provider = TimedProvider(provider, telemetry.kem_observer)
+        if fallback is not None:
+            fallback = TimedProvider(fallback, telemetry.kem_observer)
+    try:
+        offloader = build_offloader(offload_settings(crypto), provider, fallback)
+    except OffloadConfigError as exc:
+        raise ServeError(f"crypto: {exc}") from None
     server = _Server(
-        build_runtime(config, provider, telemetry=telemetry),
+        build_runtime(config, provider, telemetry=telemetry, offloader=offloader),
         reload_config,
         telemetry=telemetry,
         serve_admin=serve_admin,
@@ -1296,7 +1387,8 @@ def _worker_process(
         run(
             run_worker(
                 config,
-                provider=provider,
+                # Not the parent's provider: each worker makes its own from the config
+                # (``provider`` serves the parent's checks only).
                 reload=reload_config,
                 sockets=sockets,
                 on_ready=on_ready,
@@ -1330,7 +1422,11 @@ def run_supervisor(
     Every certificate is loaded once here first, so a configuration that cannot be served
     fails before any fork (ServeError). Raises ServeError too when a worker cannot start.
     """
-    provider = provider or _default_provider()
+    if provider is None:
+        try:
+            provider = create_provider(config.crypto.backend)
+        except (BackendError, OffloadConfigError) as exc:
+            raise ServeError(f"crypto: {exc}") from None
     check_servable(config, provider)
     reload_config = reload or (lambda: config)
     return _Supervisor(config, reload_config, provider, use_uvloop).run()

@@ -20,6 +20,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, cast
 
+from ..crypto.offload import Offloader
 from ..crypto.provider import CryptoProvider
 from ..relay.http1 import ClientTLSInfo
 from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
@@ -84,6 +86,9 @@ class ListenerSettings:
     telemetry: Telemetry | None = None
     # The engine's NSS key-log hook (pqproxy.io.keylog); None: off, and free.
     key_log: Callable[[str, bytes, bytes], None] | None = None
+    # Where KeyExchangeNeeded / SignatureNeeded are run (pqproxy.crypto.offload); shared by
+    # every listener of the process. None: inline on the loop, without accounting.
+    offloader: Offloader | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("http", "tcp"):
@@ -350,6 +355,7 @@ class _ClientConnection(asyncio.Protocol):
         # The handshake's clock starts with the first ClientHello byte, not the accept: a
         # client that connects and waits is not a slow handshake.
         self._first_byte_at: float | None = None
+        self._handshake_seconds = 0.0
         # The key-exchange group's backend, once the engine asked for the exchange.
         self._kx_backend: str | None = None
 
@@ -568,34 +574,72 @@ class _ClientConnection(asyncio.Protocol):
             logger.debug("peer=%s key update (we_updated=%s)", self._peer, event.we_updated)
 
     def _resolve_crypto(self, event: KeyExchangeNeeded | SignatureNeeded) -> None:
-        """Run the engine's crypto request and hand the result back. Inline for now: this is
-        the one seam where offload (a pool, a batch queue, a token) will make it async.
+        """Run the engine's crypto request and hand the result back: here, on the loop thread
+        (no offloader, or an inline one: no task, no hop), or on the offloader's pool, whose
+        answer comes back later on the loop (``_crypto_answer``); the engine buffers what the
+        client sends meanwhile, and the handshake timer still bounds the whole handshake.
 
-        Timing: ``requested`` is taken when the engine asks, and ``_crypto_done`` runs just
-        before the result goes back to the engine; an async offload keeps ``requested`` and
-        calls ``_crypto_done`` from its completion, so the phase histograms then include the
+        Timing: ``requested`` is taken when the engine asks and ``_crypto_done`` runs just
+        before the result goes back, so with an offloader the phase histograms include the
         time queued."""
-        tls = self._tls
         requested = time.perf_counter()
         if isinstance(event, KeyExchangeNeeded):
             self._kx_backend = event.exchange.backend
-            try:
-                server_share, secret = event.exchange.server_exchange(event.client_share)
-            except Exception as exc:
-                self._crypto_done(event, requested)
-                tls.fail_key_exchange(exc)
+        offloader = self._settings.offloader
+        if offloader is not None and not offloader.inline:
+            answer = functools.partial(self._crypto_answer, event, requested)
+            if isinstance(event, KeyExchangeNeeded):
+                offloader.submit_key_exchange(
+                    event.group, event.exchange, event.client_share, answer
+                )
             else:
-                self._crypto_done(event, requested)
+                offloader.submit_signature(event.signer, event.scheme, event.message, answer)
+            return
+        result: Any
+        try:
+            if isinstance(event, KeyExchangeNeeded):
+                if offloader is None:
+                    result = event.exchange.server_exchange(event.client_share)
+                else:
+                    result = offloader.run_inline_key_exchange(
+                        event.group, event.exchange, event.client_share
+                    )
+            elif offloader is None:
+                result = event.signer.sign(event.scheme, event.message)
+            else:
+                result = offloader.run_inline_signature(event.signer, event.scheme, event.message)
+        except Exception as exc:
+            result = exc
+        self._crypto_done(event, requested)
+        self._to_engine(event, result)
+
+    def _crypto_answer(
+        self, event: KeyExchangeNeeded | SignatureNeeded, requested: float, result: Any
+    ) -> None:
+        """An offloaded request's answer (the result, or the exception for ``fail_*``), on
+        the loop. The connection may have ended meanwhile (the client left, the handshake
+        timed out): the answer is then dropped."""
+        if self._closing:
+            return
+        try:
+            self._crypto_done(event, requested)
+            self._to_engine(event, result)
+            self._pump()
+        except Exception as exc:
+            self._internal_error("crypto answer", exc)
+
+    def _to_engine(self, event: KeyExchangeNeeded | SignatureNeeded, result: Any) -> None:
+        tls = self._tls
+        if isinstance(event, KeyExchangeNeeded):
+            if isinstance(result, BaseException):
+                tls.fail_key_exchange(result)
+            else:
+                server_share, secret = result
                 tls.complete_key_exchange(server_share, secret)
+        elif isinstance(result, BaseException):
+            tls.fail_signature(result)
         else:
-            try:
-                signature = event.signer.sign(event.scheme, event.message)
-            except Exception as exc:
-                self._crypto_done(event, requested)
-                tls.fail_signature(exc)
-            else:
-                self._crypto_done(event, requested)
-                tls.complete_signature(signature)
+            tls.complete_signature(result)
 
     def _crypto_done(self, event: KeyExchangeNeeded | SignatureNeeded, requested: float) -> None:
         telemetry = self._telemetry
@@ -620,8 +664,9 @@ class _ClientConnection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        handshake_seconds = time.monotonic() - (self._first_byte_at or self._started)
-        elapsed_ms = handshake_seconds * 1000.0
+        now = time.monotonic()
+        self._handshake_seconds = now - (self._first_byte_at or self._started)
+        elapsed_ms = self._handshake_seconds * 1000.0
         if self._telemetry is not None:
             self._telemetry.handshake(
                 group=event.group,
@@ -630,7 +675,7 @@ class _ClientConnection(asyncio.Protocol):
                 hrr=event.hello_retry,
                 ok=True,
                 offered_groups=event.offered_groups,
-                seconds=handshake_seconds,
+                seconds=self._handshake_seconds,
             )
         logger.info(
             "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s ms=%.1f",

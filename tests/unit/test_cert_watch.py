@@ -4,8 +4,10 @@ Kubernetes Secret volume, real certificates, real loads through ``load_certified
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +15,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from pqproxy.config import CertificateConfig, ListenerConfig, ServerAddress, TlsConfig
+from pqproxy.config import (
+    CertificateConfig,
+    Config,
+    ConfigError,
+    ListenerConfig,
+    ServerAddress,
+    TlsConfig,
+    load_yaml,
+    parse_config,
+)
 from pqproxy.crypto.certs import load_certified_key
 from pqproxy.crypto.provider import CertifiedKey
 from pqproxy.devcert import DevCertPaths, generate_dev_certs
@@ -408,3 +419,63 @@ def test_replace_certificates_keeps_the_rest_of_the_listener(
     # ServerConfig's own validation still applies.
     with pytest.raises(ValueError, match="at least one certificate"):
         replace_certificates(settings, ())
+
+
+# -- the configuration (PENDING: the lead's integration of Config.cert_watch) ------------------
+
+CONFIG_PENDING = "cert_watch" not in {f.name for f in dataclasses.fields(Config)}
+pending = pytest.mark.skipif(
+    CONFIG_PENDING, reason="PENDING: Config.cert_watch (lead's integration in pqproxy/config.py)"
+)
+
+
+def _config(text: str) -> Config:
+    base = textwrap.dedent(
+        """\
+        listeners:
+          - listen: 127.0.0.1:8443
+            upstream: model
+            tls: {certificates: [{cert: server.pem, key: server.key}]}
+        upstreams:
+          model: {servers: ["http://127.0.0.1:8000"]}
+        """
+    )
+    return parse_config(load_yaml(base + text, "<test>"), Path("/"), check_files=False)
+
+
+def _cert_watch(config: Config) -> object:
+    # Through asdict: the field does not exist before the integration, and mypy must pass
+    # on this file either way.
+    return dataclasses.asdict(config)["cert_watch"]
+
+
+@pending
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", {"interval": 5.0}),  # on by default: a rotated Secret needs no one to act
+        ("cert_watch: {}\n", {"interval": 5.0}),
+        ("cert_watch: {interval: 250ms}\n", {"interval": 0.25}),
+        ("cert_watch: {interval: 1m}\n", {"interval": 60.0}),
+        ("cert_watch: null\n", None),
+        ("cert_watch: off\n", None),  # YAML 1.1 reads an unquoted off as false
+    ],
+)
+def test_config_cert_watch(text: str, expected: object) -> None:
+    assert _cert_watch(_config(text)) == expected
+
+
+@pending
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("cert_watch: {interval: 0}\n", "cert_watch.interval: 0: must be more than 0"),
+        ("cert_watch: {interval: soon}\n", "cert_watch.interval: 'soon' is not a duration"),
+        ("cert_watch: {intervall: 5s}\n", "cert_watch.intervall: unknown key (did you mean"),
+        ("cert_watch: 5s\n", "cert_watch: expected a mapping, got the string '5s'"),
+    ],
+)
+def test_config_cert_watch_problems(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(text)
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
