@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +26,9 @@ BackendLoader = Callable[[str], Any]
 def _required(name: str) -> bool:
     if name == "liboqs":
         return importlib.util.find_spec("oqs") is not None
+    if name == "pkcs11":
+        # python-pkcs11 is in the dev install and SoftHSM2 in `make peers`.
+        return importlib.util.find_spec("pkcs11") is not None
     return False
 
 
@@ -45,8 +49,24 @@ def backend_loader() -> BackendLoader:
 
 
 @pytest.fixture(params=sorted(BACKEND_MODULES), scope="module")
-def backend(request: pytest.FixtureRequest) -> Any:
-    return load_backend(request.param)
+def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
+    if request.param == "pkcs11" and not os.environ.get("PQPROXY_PKCS11_MODULE"):
+        # No token configured by the environment: run the suite on a SoftHSM2 token of
+        # its own (SoftHSM2 comes with `make peers`), so pkcs11 is tested, not skipped.
+        from tests.backends.softhsm import softhsm_token
+
+        directory = request.getfixturevalue("tmp_path_factory").mktemp("softhsm-suite")
+        with softhsm_token(directory) as token, pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PQPROXY_PKCS11_MODULE", token.module)
+            patch.setenv("PQPROXY_PKCS11_TOKEN", token.label)
+            patch.setenv("PQPROXY_PKCS11_PIN_FILE", str(token.pin_file))
+            module = load_backend(request.param)
+            yield module
+            closer = getattr(module, "close_providers", None)
+            if closer is not None:
+                closer()
+        return
+    yield load_backend(request.param)
 
 
 @pytest.fixture(scope="module")
