@@ -42,6 +42,7 @@ from ..relay.http1 import (
     check_request,
     classify_h11_error,
     downstream_response_headers,
+    identity_label,
     request_host,
     request_summary,
     upstream_request_headers,
@@ -64,6 +65,9 @@ CLIENT_BUFFER_HIGH_WATER = 256 * 1024
 # A response head from the model server larger than this is a broken upstream.
 MAX_UPSTREAM_HEAD = 64 * 1024
 UPSTREAM_READ_CHUNK = 64 * 1024
+# What a client refused by the allow list reads; which names it was refused under goes to the
+# log only.
+FORBIDDEN_MESSAGE = "The client certificate does not grant access to this service."
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class HttpProxySession:
         *,
         info: ConnectionInfo | None = None,
         telemetry: Telemetry | None = None,
+        denied: str | None = None,
     ) -> None:
         self._downstream = downstream
         self._settings = settings
@@ -157,6 +162,9 @@ class HttpProxySession:
         self._on_request = on_request
         self._info = info
         self._telemetry = telemetry
+        # Why this client may not use the upstream (its certificate is not on the listener's
+        # allow list): every request is answered 403 here and the connection closed.
+        self._denied = denied
         self._limits = HeaderLimits(max_header_bytes=settings.max_header_bytes)
         self._buffer = bytearray()
         self._eof = False
@@ -267,6 +275,8 @@ class HttpProxySession:
         self, client: h11.Connection, request: h11.Request, record: RequestRecord
     ) -> bool:
         try:
+            if self._denied is not None:
+                raise HttpError(403, self._denied, message=FORBIDDEN_MESSAGE)
             check_request(request)
             self._limits.check_head(request)
             if request.method == b"CONNECT":
@@ -448,6 +458,11 @@ class HttpProxySession:
             if body_task is not None:
                 body_task.cancel()
             raise
+        if body_task is not None and not body_task.done() and client.their_state is h11.DONE:
+            # The whole body was read from the client; the pump is only finishing its
+            # last write to the upstream. Let it, rather than mistake it for an
+            # upstream that answered early (which would close a healthy keep-alive).
+            await asyncio.wait({body_task}, timeout=settings.upstream_read_timeout)
         body_done = body_task is None or body_task.done()
         if body_task is not None:
             if body_task.done():
@@ -652,6 +667,12 @@ class HttpProxySession:
             "alpn": tls.alpn if tls is not None else None,
             "tls_group": tls.group if tls is not None else None,
             "tls_cipher": tls.cipher if tls is not None else None,
+            "tls_signature": tls.signature if tls is not None else None,
+            "tls_resumed": tls.resumed if tls is not None else None,
+            # The client certificate's first URI (or DNS name, or subject), made printable.
+            "client_identity": (
+                identity_label(tls.identity) if tls is not None and tls.identity else None
+            ),
             "handshake_ms": round(info.handshake_ms, 3) if info is not None else None,
             "method": record.method,
             "path": path or record.path,
