@@ -199,7 +199,8 @@ class Worker:
             if end < 0:
                 if len(conn.inbuf) > MAX_HEAD:
                     self._close(conn)
-                return
+                    return
+                break
             head = bytes(conn.inbuf[:end]).decode("latin-1")
             lines = head.split("\r\n")
             headers = {}
@@ -208,7 +209,7 @@ class Worker:
                 headers[name.strip().lower()] = value.strip()
             length = int(headers.get("content-length", "0") or 0)
             if len(conn.inbuf) < end + 4 + length:
-                return  # the body is still coming
+                break  # the body is still coming
             del conn.inbuf[: end + 4 + length]
             parts = lines[0].split(" ")
             target = parts[1] if len(parts) > 1 else "/"

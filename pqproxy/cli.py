@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, backends_cli
+from .bench.cli import register as register_bench
+from .bench.cli import run as run_bench
 from .crypto.provider import BackendError, CryptoProvider
 from .devcert import KEY_TYPES, generate_dev_certs
 from .tls.enums import NamedGroup
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(demo)
 
     backends_cli.register(sub)
+    register_bench(sub)
 
     check = sub.add_parser(
         "check-config", help="validate a YAML config file and print what it sets up"
@@ -404,6 +407,7 @@ COMMANDS = {
     "demo-upstream": cmd_demo_upstream,
     "check-config": cmd_check_config,
     "backends": backends_cli.run,
+    "bench": run_bench,
 }
 
 
