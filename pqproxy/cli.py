@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, backends_cli
+from .argtypes import non_negative_float as _non_negative_float
+from .argtypes import non_negative_int as _non_negative_int
+from .argtypes import positive_int as _positive_int
 from .bench.cli import register as register_bench
 from .bench.cli import run as run_bench
 from .crypto.provider import BackendError, CryptoProvider
@@ -66,36 +69,6 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise UsageError(f"{what} {value!r}: port {port} is out of range")
     return host, port
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
-    return number
 
 
 def _url_host(host: str) -> str:

@@ -15,6 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..argtypes import non_negative_float as _non_negative_float
+from ..argtypes import positive_float as _positive_float
+from ..argtypes import positive_int as _positive_int
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -35,40 +39,10 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, number
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return number
-
-
 def _segments(value: str) -> int:
     number = _positive_int(value)
     if number < 2:
         raise argparse.ArgumentTypeError(f"{value!r}: a split needs at least 2 segments")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must not be negative")
     return number
 
 
