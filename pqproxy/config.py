@@ -35,7 +35,14 @@ import yaml
 from .crypto.backends import BACKEND_MODULES
 from .crypto.offload import OffloadMode
 from .tls.enums import HYBRID_GROUPS, CipherSuite, NamedGroup
-from .tls.server import DEFAULT_CIPHER_SUITES, DEFAULT_GROUPS, PqPolicy
+from .tls.server import (
+    DEFAULT_CIPHER_SUITES,
+    DEFAULT_GROUPS,
+    MAX_TICKET_LIFETIME,
+    MAX_TICKETS_PER_HANDSHAKE,
+    ClientAuth,
+    PqPolicy,
+)
 
 T = TypeVar("T")
 
@@ -105,6 +112,82 @@ class CertificateConfig:
     server_names: tuple[str, ...] | None = None
 
 
+# The upstream reads the client certificate's identity in these request headers.
+DEFAULT_IDENTITY_HEADERS = ("X-Client-Subject", "X-Client-URI", "X-Client-DNS")
+# Headers the proxy itself writes or that frame the request: an identity header of that name
+# would be dropped, or would change how the upstream reads the message.
+_RESERVED_HEADER_NAMES = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "via",
+        "expect",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityHeadersConfig:
+    """Request header names for the verified client identity; None: that part is not sent.
+    Whatever the client sent under these names is always removed first."""
+
+    subject: str | None = DEFAULT_IDENTITY_HEADERS[0]  # RFC 4514 subject DN
+    uris: str | None = DEFAULT_IDENTITY_HEADERS[1]  # URI SANs (SPIFFE IDs), comma-separated
+    dns: str | None = DEFAULT_IDENTITY_HEADERS[2]  # DNS SANs, comma-separated
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.subject, self.uris, self.dns) if n is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthConfig:
+    """Mutual TLS on one listener."""
+
+    mode: ClientAuth = ClientAuth.NONE
+    ca: Path | None = None  # PEM bundle of the CAs that issue client certificates
+    # Identities let through (an exact URI SAN, DNS SAN or RFC 4514 subject); anyone else
+    # gets 403. None: every client the handshake admitted.
+    allow: tuple[str, ...] | None = None
+    identity_headers: IdentityHeadersConfig = field(default_factory=IdentityHeadersConfig)
+
+
+# RotatingTicketKeys keeps ceil(lifetime / rotation) old keys so that a ticket opens for its
+# whole lifetime; opening a ticket tries each of them, so their number is bounded.
+MAX_TICKET_KEYS_KEPT = 24
+
+
+@dataclass(frozen=True, slots=True)
+class TicketsConfig:
+    """Session tickets (resumption with psk_dhe_ke only: a resumed session still runs a
+    fresh hybrid key exchange; no 0-RTT)."""
+
+    enabled: bool = True
+    per_handshake: int = 2
+    lifetime: int = 7200  # seconds, as the NewSessionTicket message carries it
+    # A file with the master secret the ticket keys derive from, shared by several hosts so
+    # that each opens the others' tickets (created with 32 random bytes, mode 0600, when
+    # missing). None: generated at start, once, and shared by every worker process.
+    key_file: Path | None = None
+    rotation: float = 3600.0  # a new ticket key every this many seconds
+
+    @property
+    def keys_kept(self) -> int:
+        """Old keys kept: enough that a ticket opens until its lifetime ends."""
+        return max(1, math.ceil(self.lifetime / self.rotation))
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     certificates: tuple[CertificateConfig, ...]  # the first is the default
@@ -115,6 +198,8 @@ class TlsConfig:
     # NSS key log of this listener's sessions (debugging only); None: off, unless the
     # SSLKEYLOGFILE environment variable names a file.
     key_log_file: Path | None = None
+    client_auth: ClientAuthConfig = field(default_factory=ClientAuthConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +329,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     drain_timeout: float = 30.0
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    # The default of every listener's tls.tickets (each key may be overridden there).
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
     source: str = "<config>"
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -596,7 +683,16 @@ class _Parser:
         top = self.section(
             "",
             data,
-            ["workers", "admin", "logging", "drain_timeout", "crypto", "listeners", "upstreams"],
+            [
+                "workers",
+                "admin",
+                "logging",
+                "drain_timeout",
+                "crypto",
+                "tickets",
+                "listeners",
+                "upstreams",
+            ],
         )
         if not top and not isinstance(data, dict):
             return None
@@ -608,6 +704,7 @@ class _Parser:
             top, "", "drain_timeout", lambda v: parse_duration(v, allow_zero=True), 30.0
         )
         crypto = self.crypto(top.get("crypto"))
+        tickets = self.tickets("tickets", top.get("tickets"), TicketsConfig())
         upstreams: tuple[UpstreamConfig, ...] = ()
         # Names as written, so that a pool with a bad server is still a valid reference.
         pool_names: list[str] | None = None
@@ -619,7 +716,7 @@ class _Parser:
         if self.require(top, "", "listeners"):
             raw_listeners = self.items("listeners", top["listeners"])
             for index, raw in enumerate(raw_listeners):
-                listener = self.listener(index, raw, pool_names)
+                listener = self.listener(index, raw, pool_names, tickets)
                 if listener is not None:
                     listeners.append((index, listener))
         self.check_addresses(listeners, admin)
@@ -633,6 +730,7 @@ class _Parser:
             logging=logging,
             drain_timeout=drain,
             crypto=crypto,
+            tickets=tickets,
             source=source,
         )
 
@@ -742,6 +840,7 @@ class _Parser:
         index: int,
         value: object,
         pool_names: list[str] | None,
+        tickets: TicketsConfig = TicketsConfig(),  # noqa: B008 - frozen, so shared safely
     ) -> ListenerConfig | None:
         path = _join("listeners", index)
         keys = ["name", "listen", "mode", "upstream", "tls", "timeouts", "limits", "headers"]
@@ -765,7 +864,7 @@ class _Parser:
             )
         tls = None
         if self.require(raw, path, "tls"):
-            tls = self.tls(_join(path, "tls"), raw["tls"], mode)
+            tls = self.tls(_join(path, "tls"), raw["tls"], mode, tickets)
         timeouts = self.listener_timeouts(_join(path, "timeouts"), raw.get("timeouts"))
         limits = self.limits(_join(path, "limits"), raw.get("limits"))
         if mode is Mode.TCP and "headers" in raw:
@@ -784,8 +883,19 @@ class _Parser:
             headers=headers,
         )
 
-    def tls(self, path: str, value: object, mode: Mode) -> TlsConfig | None:
-        keys = ["certificates", "groups", "pq_policy", "cipher_suites", "alpn", "key_log_file"]
+    def tls(
+        self, path: str, value: object, mode: Mode, default_tickets: TicketsConfig
+    ) -> TlsConfig | None:
+        keys = [
+            "certificates",
+            "groups",
+            "pq_policy",
+            "cipher_suites",
+            "alpn",
+            "key_log_file",
+            "client_auth",
+            "tickets",
+        ]
         raw = self.section(path, value, keys, nullable=False)
         if not isinstance(value, dict):
             return None
@@ -836,6 +946,10 @@ class _Parser:
                 _join(path, "key_log_file"), raw["key_log_file"], "a key log file path"
             )
             key_log_file = Path(written) if written else None
+        client_auth = self.client_auth(_join(path, "client_auth"), raw.get("client_auth"), mode)
+        tickets = default_tickets
+        if "tickets" in raw:
+            tickets = self.tickets(_join(path, "tickets"), raw["tickets"], default_tickets)
         if not certificates or not groups or not suites:
             return None
         return TlsConfig(
@@ -845,7 +959,115 @@ class _Parser:
             cipher_suites=suites,
             alpn=alpn,
             key_log_file=key_log_file,
+            client_auth=client_auth,
+            tickets=tickets,
         )
+
+    def client_auth(self, path: str, value: object, listener_mode: Mode) -> ClientAuthConfig:
+        raw = self.section(path, value, ["mode", "ca", "allow", "identity_headers"])
+        parsed = self.get(raw, path, "mode", _client_auth_mode, None)
+        mode = parsed if parsed is not None else ClientAuth.NONE
+        # A mode that did not parse is reported once; what goes with it is not judged by it.
+        judged = parsed is not None or "mode" not in raw
+        ca = None
+        if raw.get("ca") is not None:
+            ca = self.file(_join(path, "ca"), raw["ca"])
+            if judged and mode is ClientAuth.NONE:
+                self.add(_join(path, "ca"), "applies with mode optional or require only")
+        elif mode is not ClientAuth.NONE:
+            self.add(
+                _join(path, "ca"),
+                f"required with mode {mode.value} (the CA bundle that issues client certificates)",
+            )
+        allow = None
+        if "allow" in raw:
+            allow_path = _join(path, "allow")
+            allow = self.each(
+                allow_path, self.items(allow_path, raw["allow"]), _identity, "identity", repr
+            )
+            if judged and mode is ClientAuth.NONE:
+                self.add(
+                    allow_path,
+                    "needs mode optional or require (without client certificates no client "
+                    "has an identity, so everyone would get 403)",
+                )
+        if listener_mode is Mode.TCP and "identity_headers" in raw:
+            self.add(
+                _join(path, "identity_headers"),
+                "applies to mode: http only (a tcp listener relays bytes, not requests)",
+            )
+        headers = self.identity_headers(
+            _join(path, "identity_headers"), raw.get("identity_headers")
+        )
+        return ClientAuthConfig(mode=mode, ca=ca, allow=allow, identity_headers=headers)
+
+    def identity_headers(self, path: str, value: object) -> IdentityHeadersConfig:
+        raw = self.section(path, value, ["subject", "uris", "dns"])
+        d = IdentityHeadersConfig()
+        subject = self.get(raw, path, "subject", _identity_header, d.subject)
+        uris = self.get(raw, path, "uris", _identity_header, d.uris)
+        dns = self.get(raw, path, "dns", _identity_header, d.dns)
+        seen: dict[str, str] = {}
+        for key, name in (("subject", subject), ("uris", uris), ("dns", dns)):
+            if name is None:
+                continue
+            if name.lower() in seen:
+                self.add(_join(path, key), f"{name} is already the {seen[name.lower()]} header")
+            else:
+                seen[name.lower()] = key
+        return IdentityHeadersConfig(subject=subject, uris=uris, dns=dns)
+
+    def tickets(self, path: str, value: object, default: TicketsConfig) -> TicketsConfig:
+        """A tickets section; keys it does not set keep ``default``'s values (the top-level
+        section, for a listener's)."""
+        if value is False:
+            return replace(default, enabled=False)
+        keys = ["enabled", "per_handshake", "lifetime", "key_file", "rotation"]
+        raw = self.section(path, value, keys)
+        key_file = default.key_file
+        if "key_file" in raw:
+            key_file = None
+            if raw["key_file"] is not None:
+                key_file = self.secret_file(_join(path, "key_file"), raw["key_file"])
+        tickets = TicketsConfig(
+            enabled=self.get(raw, path, "enabled", _bool, default.enabled),
+            per_handshake=self.get(
+                raw, path, "per_handshake", _tickets_per_handshake, default.per_handshake
+            ),
+            lifetime=self.get(raw, path, "lifetime", _ticket_lifetime, default.lifetime),
+            key_file=key_file,
+            rotation=self.get(raw, path, "rotation", parse_duration, default.rotation),
+        )
+        if tickets.keys_kept > MAX_TICKET_KEYS_KEPT:
+            where = "rotation" if "rotation" in raw or "lifetime" not in raw else "lifetime"
+            self.add(
+                _join(path, where),
+                f"a lifetime of {format_duration(tickets.lifetime)} with a rotation of "
+                f"{format_duration(tickets.rotation)} keeps {tickets.keys_kept} ticket keys "
+                f"(at most {MAX_TICKET_KEYS_KEPT}): make rotation at least "
+                f"{format_duration(math.ceil(tickets.lifetime / MAX_TICKET_KEYS_KEPT))}",
+            )
+        return tickets
+
+    def secret_file(self, path: str, value: object) -> Path:
+        """A file pqproxy reads, or creates when it is missing (its directory must then
+        exist and be writable). Its contents and mode are checked when it is loaded."""
+        if not isinstance(value, str) or not value.strip():
+            self.add(path, f"expected a file path or null, got {_type_name(value)}")
+            return Path()
+        resolved = Path(os.path.abspath(self.base_dir / Path(value).expanduser()))
+        if self.check_files:
+            parent = resolved.parent
+            if resolved.exists():
+                if not resolved.is_file():
+                    self.add(path, f"not a file: {resolved}")
+                elif not os.access(resolved, os.R_OK):
+                    self.add(path, f"not readable: {resolved}")
+            elif not parent.is_dir():
+                self.add(path, f"no such directory: {parent}")
+            elif not os.access(parent, os.W_OK | os.X_OK):
+                self.add(path, f"does not exist and cannot be created in {parent}")
+        return resolved
 
     def certificate(self, path: str, value: object) -> CertificateConfig | None:
         raw = self.section(path, value, ["cert", "key", "server_names"], nullable=False)
@@ -1101,6 +1323,53 @@ def _tls_info(value: object) -> str | None:
             f"send none; got {_type_name(value)}"
         )
     return value
+
+
+def _client_auth_mode(value: object) -> ClientAuth:
+    # YAML 1.1 reads an unquoted `off`/`no` as false: the operator meant none.
+    if value is False:
+        return ClientAuth.NONE
+    return ClientAuth(_choice(value, [m.value for m in ClientAuth]))
+
+
+def _identity(value: object) -> str:
+    # Compared exactly with what the certificate says; a control character could never
+    # match one and would only hide in a log line.
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise ValueError(
+            "expected an identity: a URI (spiffe://...), a DNS name or an RFC 4514 subject "
+            f"(CN=...,O=...); got {_type_name(value)}"
+        )
+    if value != value.strip():
+        raise ValueError(f"{value!r}: leading or trailing spaces never match a certificate")
+    return value
+
+
+def _identity_header(value: object) -> str | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, str) or not _TOKEN_RE.match(value):
+        raise ValueError(f"expected a header name or null, got {_type_name(value)}")
+    if value.lower() in _RESERVED_HEADER_NAMES:
+        raise ValueError(f"{value} is a header the proxy manages itself; choose another name")
+    return value
+
+
+def _tickets_per_handshake(value: object) -> int:
+    count = _int(value, 0)
+    if count > MAX_TICKETS_PER_HANDSHAKE:
+        raise ValueError(f"{count} is too large (maximum {MAX_TICKETS_PER_HANDSHAKE})")
+    return count
+
+
+def _ticket_lifetime(value: object) -> int:
+    seconds = parse_duration(value)
+    # NewSessionTicket carries whole seconds (RFC 8446 §4.6.1), at most seven days.
+    if not seconds.is_integer():
+        raise ValueError(f"{value!r}: must be a whole number of seconds")
+    if seconds > MAX_TICKET_LIFETIME:
+        raise ValueError(f"{value!r}: at most 7 days (RFC 8446 §4.6.1)")
+    return int(seconds)
 
 
 def _request_path(value: object) -> str:
@@ -1427,6 +1696,8 @@ def describe(config: Config) -> str:
             f"  listener {listener.name}: {listener.listen} mode {listener.mode.value} "
             f"-> {listener.upstream}; groups {groups}; pq_policy {tls.pq_policy.value}; "
             f"alpn {alpn}; {_plural(len(tls.certificates), 'certificate')}"
+            f"; client auth {_describe_client_auth(tls.client_auth)}"
+            f"; tickets {_describe_tickets(tls.tickets)}"
             + (f"; key log {tls.key_log_file} (debugging only)" if tls.key_log_file else "")
         )
     for pool in config.upstreams:
@@ -1441,6 +1712,26 @@ def describe(config: Config) -> str:
             f"read timeout {format_duration(pool.timeouts.read)}; {health})"
         )
     return "\n".join(lines)
+
+
+def _describe_client_auth(client_auth: ClientAuthConfig) -> str:
+    if client_auth.mode is ClientAuth.NONE:
+        return "none"
+    allow = ""
+    if client_auth.allow is not None:
+        count = len(client_auth.allow)
+        allow = f", allow {count} {'identity' if count == 1 else 'identities'}"
+    return f"{client_auth.mode.value} (CA {client_auth.ca}{allow})"
+
+
+def _describe_tickets(tickets: TicketsConfig) -> str:
+    if not tickets.enabled or tickets.per_handshake == 0:
+        return "off"
+    keys = f"key file {tickets.key_file}" if tickets.key_file else "generated key"
+    return (
+        f"{tickets.per_handshake} per handshake, lifetime {format_duration(tickets.lifetime)}, "
+        f"{keys} rotated every {format_duration(tickets.rotation)}"
+    )
 
 
 def check_config_main(path: str) -> int:

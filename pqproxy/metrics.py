@@ -127,9 +127,11 @@ class ProxyMetrics:
         self.tls_handshakes = Counter(
             "pqproxy_tls_handshakes",
             "TLS handshakes by negotiated group and cipher suite (none before they were "
-            "chosen), key-exchange backend, HelloRetryRequest (true/false) and result (ok, "
-            "failed). Only connections that sent at least one byte count.",
-            ("group", "cipher_suite", "backend", "hrr", "result"),
+            "chosen), the server's signature scheme (psk on a resumed session, none on a "
+            "failed handshake), key-exchange backend, HelloRetryRequest (true/false), "
+            "resumption from a ticket (true/false) and result (ok, failed). Only connections "
+            "that sent at least one byte count.",
+            ("group", "cipher_suite", "signature", "backend", "hrr", "resumed", "result"),
             registry=r,
         )
         self.tls_handshake_duration = Histogram(
@@ -212,7 +214,7 @@ class ProxyMetrics:
             "pqproxy_connections",
             "Client connections by how they ended (closed, tls_alert, peer_eof, "
             "handshake_timeout, idle_timeout, upstream_failed, upstream_lost, over_capacity, "
-            "shutdown, internal_error).",
+            "shutdown, internal_error, forbidden).",
             ("result",),
             registry=r,
         )

@@ -54,6 +54,7 @@ from ..config import (
 )
 from ..crypto.backends import BACKEND_MODULES
 from ..crypto.certs import CertificateLoadError, load_certified_key
+from ..crypto.client_auth import X509ClientVerifier
 from ..crypto.instrumented import TimedProvider
 from ..crypto.offload import (
     BatchSettings,
@@ -74,9 +75,9 @@ from ..metrics import (
     multiprocess_gauge,
     render_multiprocess,
 )
-from ..relay.http1 import ForwardingOptions
+from ..relay.http1 import ForwardingOptions, IdentityHeaders
 from ..tls.enums import HYBRID_GROUPS, NamedGroup
-from ..tls.server import ServerConfig
+from ..tls.server import ClientAuth, ServerConfig
 from .admin import (
     AdminRoutes,
     AdminServer,
@@ -89,6 +90,7 @@ from .admin import (
 from .http_proxy import HttpSettings
 from .keylog import KEY_LOG_ENV, close_key_logs, open_key_log
 from .loop import ShutdownSignals, run
+from .session_tickets import TicketKeyError, TicketMasters, listener_ticket_keys
 from .telemetry import Telemetry
 from .tls_server import ListenerSettings, TLSListener
 from .upstream import HealthCheckSettings, PoolSettings, UpstreamPool
@@ -198,6 +200,9 @@ class Runtime:
     listeners: tuple[ListenerSettings, ...]
     pools: dict[str, UpstreamPool]
     offloader: Offloader | None = None
+    # The session-ticket master secrets this configuration was built with; a reload keeps
+    # them (pqproxy.io.session_tickets).
+    ticket_masters: TicketMasters | None = None
 
 
 def pool_settings(upstream: UpstreamConfig) -> PoolSettings:
@@ -230,6 +235,7 @@ def pool_settings(upstream: UpstreamConfig) -> PoolSettings:
 
 def http_settings(listener: ListenerConfig, upstream: UpstreamConfig) -> HttpSettings:
     headers = listener.headers
+    identity = listener.tls.client_auth.identity_headers
     return HttpSettings(
         header_read_timeout=listener.timeouts.header_read,
         idle_timeout=listener.timeouts.idle,
@@ -242,17 +248,27 @@ def http_settings(listener: ListenerConfig, upstream: UpstreamConfig) -> HttpSet
             x_forwarded_host=headers.x_forwarded_host,
             via=headers.via,
             tls_info_prefix=headers.tls_info,
+            identity_headers=IdentityHeaders(identity.subject, identity.uris, identity.dns),
         ),
         retries=upstream.retries,
     )
 
 
 def server_config(
-    listener: ListenerConfig, provider: CryptoProvider, offloader: Offloader | None = None
+    listener: ListenerConfig,
+    provider: CryptoProvider,
+    offloader: Offloader | None = None,
+    ticket_masters: TicketMasters | None = None,
 ) -> ServerConfig:
-    """The listener's TLS configuration with its certificates loaded (ServeError if one
-    cannot be used, or the backend lacks a group). Each key is registered with
-    ``offloader``: process mode needs the PEM to load it in its workers."""
+    """The listener's TLS configuration with its certificates and client CA bundle loaded
+    (ServeError if one cannot be used, or the backend lacks a group). Each key is registered
+    with ``offloader``: process mode needs the PEM to load it in its workers. Tickets are
+    issued only with ``ticket_masters`` (the check before serving goes without).
+
+    Several certificates make a dual-certificate listener: the engine takes, per handshake,
+    the first one (in this order, those whose names match the SNI first) whose key can sign
+    with a scheme in the client's signature_algorithms, so an ML-DSA chain listed before an
+    ECDSA one goes to the clients that offer ML-DSA and the ECDSA one to the others."""
     tls = listener.tls
     missing = [NamedGroup(g).name for g in tls.groups if g not in provider.groups]
     if missing:
@@ -273,6 +289,25 @@ def server_config(
             except OffloadConfigError as exc:
                 raise ServeError(f"listener {listener.name}: {cert.key}: {exc}") from None
         certificates.append(certified)
+    client_auth = tls.client_auth
+    ca_pem: bytes | None = None
+    verifier: X509ClientVerifier | None = None
+    if client_auth.mode is not ClientAuth.NONE and client_auth.ca is not None:
+        try:
+            ca_pem = client_auth.ca.read_bytes()
+            verifier = X509ClientVerifier(ca_pem)
+        except OSError as exc:
+            raise ServeError(
+                f"listener {listener.name}: client CA bundle {client_auth.ca}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        except ValueError as exc:
+            raise ServeError(f"listener {listener.name}: {client_auth.ca}: {exc}") from None
+    tickets = (
+        listener_ticket_keys(ticket_masters, listener, ca_pem)
+        if ticket_masters is not None
+        else None
+    )
     try:
         return ServerConfig(
             certificates=tuple(certificates),
@@ -280,9 +315,22 @@ def server_config(
             pq_policy=tls.pq_policy,
             cipher_suites=tls.cipher_suites,
             alpn_protocols=tls.alpn,
+            client_auth=client_auth.mode,
+            client_verifier=verifier,
+            tickets=tickets,
+            tickets_per_handshake=tls.tickets.per_handshake,
+            ticket_lifetime=tls.tickets.lifetime,
         )
     except ValueError as exc:
         raise ServeError(f"listener {listener.name}: {exc}") from None
+
+
+def start_ticket_masters(config: Config) -> TicketMasters:
+    """The ticket master secrets for ``config``, made once before any fork (ServeError)."""
+    try:
+        return TicketMasters.start(config)
+    except TicketKeyError as exc:
+        raise ServeError(str(exc)) from None
 
 
 def _pem_or_none(path: Path) -> bytes | None:
@@ -323,11 +371,15 @@ def crypto_self_test(runtime: Runtime) -> None:
         logger.info("self-test %s: %s", report.backend, report.summary())
 
 
-def check_servable(config: Config, provider: CryptoProvider) -> None:
-    """Load every certificate and check every group once, before any loop or fork, so that
-    what cannot be served fails at once with one line (ServeError)."""
+def check_servable(
+    config: Config, provider: CryptoProvider, ticket_masters: TicketMasters | None = None
+) -> None:
+    """Load every certificate, client CA bundle and ticket key file and check every group
+    once, before any loop or fork, so that what cannot be served fails at once with one line
+    (ServeError)."""
+    masters = ticket_masters if ticket_masters is not None else start_ticket_masters(config)
     for listener in config.listeners:
-        server_config(listener, provider)
+        server_config(listener, provider, ticket_masters=masters)
 
 
 def key_log_path(listener: ListenerConfig) -> tuple[str, str] | None:
@@ -348,6 +400,7 @@ def build_runtime(
     previous: Runtime | None = None,
     telemetry: Telemetry | None = None,
     offloader: Offloader | None = None,
+    ticket_masters: TicketMasters | None = None,
 ) -> Runtime:
     """Map ``config`` onto listener settings and pools, loading every certificate and
     opening the key logs asked for.
@@ -355,8 +408,20 @@ def build_runtime(
     With ``previous``, a pool whose upstream section is unchanged is reused as it is (its
     health state and idle connections carry over); the others are new and not started yet.
     ``telemetry`` goes to every listener (None: nothing is counted).
+    ``ticket_masters``: the session-ticket secrets (a worker gets its supervisor's); without,
+    those of ``previous`` carry over (a reload), or new ones are made (one process).
     Raises ServeError with one line naming what cannot be used.
     """
+    if ticket_masters is None and previous is not None:
+        ticket_masters = previous.ticket_masters
+    try:
+        masters = (
+            ticket_masters.for_config(config)
+            if ticket_masters is not None
+            else TicketMasters.start(config)
+        )
+    except TicketKeyError as exc:
+        raise ServeError(str(exc)) from None
     pools: dict[str, UpstreamPool] = {}
     for upstream in config.upstreams:
         old = previous.pools.get(upstream.name) if previous is not None else None
@@ -391,7 +456,7 @@ def build_runtime(
             settings = ListenerSettings(
                 host=listener.listen.host,
                 port=listener.listen.port,
-                server_config=server_config(listener, provider, offloader),
+                server_config=server_config(listener, provider, offloader, masters),
                 provider=provider,
                 # Unused while ``pool`` is set; the pool's first server, for what logs them.
                 upstream_host=first.host,
@@ -406,6 +471,11 @@ def build_runtime(
                 telemetry=telemetry,
                 key_log=key_log,
                 offloader=offloader,
+                allowed_identities=(
+                    frozenset(listener.tls.client_auth.allow)
+                    if listener.tls.client_auth.allow is not None
+                    else None
+                ),
             )
         except ValueError as exc:
             raise ServeError(f"listener {listener.name}: {exc}") from None
@@ -416,6 +486,7 @@ def build_runtime(
         listeners=tuple(listeners),
         pools=pools,
         offloader=offloader,
+        ticket_masters=masters,
     )
 
 
@@ -761,6 +832,7 @@ async def run_worker(
     on_ready: Callable[[Sequence[TLSListener]], None] | None = None,
     signals: Sequence[signal.Signals] = SINGLE_PROCESS_SIGNALS,
     serve_admin: bool = True,
+    ticket_masters: TicketMasters | None = None,
 ) -> None:
     """Serve ``source`` until SIGTERM/SIGINT, reloading on SIGHUP.
 
@@ -770,7 +842,8 @@ async def run_worker(
     per listener (a worker's SO_REUSEPORT sockets); without, each listener binds its address.
     ``on_ready`` runs once every listener accepts; by default it prints the listening lines.
     Metrics are collected when the configuration has an admin endpoint; ``serve_admin``
-    False leaves serving it to a supervisor (a worker).
+    False leaves serving it to a supervisor (a worker). ``ticket_masters``: the session-ticket
+    secrets a supervisor made before forking (None: made here).
     Raises ConfigError or ServeError when the configuration cannot be served.
     """
     if isinstance(source, Config):
@@ -800,7 +873,13 @@ async def run_worker(
     except OffloadConfigError as exc:
         raise ServeError(f"crypto: {exc}") from None
     server = _Server(
-        build_runtime(config, provider, telemetry=telemetry, offloader=offloader),
+        build_runtime(
+            config,
+            provider,
+            telemetry=telemetry,
+            offloader=offloader,
+            ticket_masters=ticket_masters,
+        ),
         reload_config,
         telemetry=telemetry,
         serve_admin=serve_admin,
@@ -930,10 +1009,14 @@ class _Supervisor:
         reload_config: Callable[[], Config],
         provider: CryptoProvider,
         use_uvloop: bool,
+        ticket_masters: TicketMasters,
     ) -> None:
         self.config = config
         self.reload_config = reload_config
         self.provider = provider
+        # Made before the first fork, so every worker holds the same secrets and opens the
+        # others' tickets; a reload updates them here as each worker does for itself.
+        self.ticket_masters = ticket_masters
         self.use_uvloop = use_uvloop
         self.count = config.workers
         self.reserved: list[socket.socket] = []
@@ -1107,7 +1190,13 @@ class _Supervisor:
                 self.admin.close_in_child()
             _set_parent_death_signal(parent)
             code = _worker_process(
-                self.config, self.reload_config, self.provider, self.binds, ready_w, self.use_uvloop
+                self.config,
+                self.reload_config,
+                self.provider,
+                self.binds,
+                ready_w,
+                self.use_uvloop,
+                self.ticket_masters,
             )
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -1266,7 +1355,11 @@ class _Supervisor:
         try:
             config = self.reload_config()
             check_reloadable(self.config, config)
-            check_servable(config, self.provider)
+            try:
+                masters = self.ticket_masters.for_config(config)
+            except TicketKeyError as exc:
+                raise ServeError(str(exc)) from None
+            check_servable(config, self.provider, masters)
         except ConfigError as exc:
             logger.error("reload refused: %s", describe_config_error(exc))
             return
@@ -1277,6 +1370,7 @@ class _Supervisor:
             logger.error("reload refused: %s: %s", type(exc).__name__, exc)
             return
         self.config = config
+        self.ticket_masters = masters
         logger.info("supervisor: reloading %d workers from %s", len(self.workers), config.source)
         self._signal_workers(signal.SIGHUP)
 
@@ -1360,6 +1454,7 @@ def _worker_process(
     binds: Sequence[_Bind],
     ready_w: int,
     use_uvloop: bool,
+    ticket_masters: TicketMasters,
 ) -> int:
     """The body of a forked worker: its own sockets on the shared ports, its own loop."""
 
@@ -1394,6 +1489,7 @@ def _worker_process(
                 on_ready=on_ready,
                 signals=WORKER_SIGNALS,
                 serve_admin=False,
+                ticket_masters=ticket_masters,
             ),
             use_uvloop=use_uvloop,
         )
@@ -1420,13 +1516,15 @@ def run_supervisor(
     """Serve ``config`` with ``config.workers`` worker processes; the exit status.
 
     Every certificate is loaded once here first, so a configuration that cannot be served
-    fails before any fork (ServeError). Raises ServeError too when a worker cannot start.
+    fails before any fork (ServeError); so are the session-ticket master secrets, which every
+    worker inherits. Raises ServeError too when a worker cannot start.
     """
     if provider is None:
         try:
             provider = create_provider(config.crypto.backend)
         except (BackendError, OffloadConfigError) as exc:
             raise ServeError(f"crypto: {exc}") from None
-    check_servable(config, provider)
+    masters = start_ticket_masters(config)
+    check_servable(config, provider, masters)
     reload_config = reload or (lambda: config)
-    return _Supervisor(config, reload_config, provider, use_uvloop).run()
+    return _Supervisor(config, reload_config, provider, use_uvloop, masters).run()

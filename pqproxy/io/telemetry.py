@@ -20,8 +20,10 @@ from ..crypto.instrumented import Observer
 from ..metrics import OTHER_GROUP, READY_CHECKS, ProxyMetrics
 from ..tls.enums import HYBRID_GROUPS, AlertDescription, CipherSuite, NamedGroup, SignatureScheme
 
-_HRR = {True: "true", False: "false"}
+_BOOL = {True: "true", False: "false"}
 _NONE = "none"
+# The signature label of a resumed handshake: it authenticated with the ticket's PSK.
+_PSK = "psk"
 
 
 def _name(enum_cls: Any, value: int | None) -> str:
@@ -41,7 +43,9 @@ class Telemetry:
         self._offered = {int(g): m.tls_client_groups_offered.labels(g.name) for g in NamedGroup}
         self._offered_other = m.tls_client_groups_offered.labels(OTHER_GROUP)
         self._no_hybrid = {r: m.tls_no_hybrid_offered.labels(r) for r in ("ok", "failed")}
-        self._handshakes: dict[tuple[int | None, int | None, str, bool, str], Any] = {}
+        self._handshakes: dict[
+            tuple[int | None, int | None, int | None, str, bool, bool, str], Any
+        ] = {}
         self._handshake_duration: dict[tuple[int, str], Any] = {}
         self._key_exchange: dict[tuple[int, str], Any] = {}
         self._sign: dict[tuple[int, str], Any] = {}
@@ -73,18 +77,23 @@ class Telemetry:
         offered_groups: Iterable[int] | None,
         seconds: float | None = None,
         failure_reason: str | None = None,
+        signature: int | None = None,
+        resumed: bool = False,
     ) -> None:
         """One handshake attempt, finished either way. ``offered_groups`` is None when no
-        ClientHello was parsed."""
+        ClientHello was parsed; ``signature`` is the scheme of our CertificateVerify (None:
+        none was made, on a failure or a resumed session)."""
         result = "ok" if ok else "failed"
-        key = (group, cipher_suite, backend, hrr, result)
+        key = (group, cipher_suite, signature, backend, hrr, resumed, result)
         child = self._handshakes.get(key)
         if child is None:
             child = self._handshakes[key] = self.metrics.tls_handshakes.labels(
                 _name(NamedGroup, group),
                 _name(CipherSuite, cipher_suite),
+                _PSK if resumed else _name(SignatureScheme, signature),
                 backend,
-                _HRR[hrr],
+                _BOOL[hrr],
+                _BOOL[resumed],
                 result,
             )
         child.inc()

@@ -32,7 +32,13 @@ from typing import Any, cast
 
 from ..crypto.offload import Offloader
 from ..crypto.provider import CryptoProvider
-from ..relay.http1 import ClientTLSInfo
+from ..relay.http1 import (
+    PSK_SIGNATURE,
+    ClientTLSInfo,
+    describe_identity,
+    identity_allowed,
+    identity_label,
+)
 from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
 from ..tls.events import (
     ApplicationData,
@@ -89,6 +95,10 @@ class ListenerSettings:
     # Where KeyExchangeNeeded / SignatureNeeded are run (pqproxy.crypto.offload); shared by
     # every listener of the process. None: inline on the loop, without accounting.
     offloader: Offloader | None = None
+    # Client identities (URI SAN, DNS SAN or subject) let through after the handshake; anyone
+    # else gets 403 (http) or a closed connection (tcp) and the upstream never hears of them.
+    # None: every client the handshake admitted.
+    allowed_identities: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("http", "tcp"):
@@ -110,6 +120,8 @@ class CloseKind(StrEnum):
     OVER_CAPACITY = "over_capacity"
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
+    # A tcp listener's client whose certificate identity is not on the allow list.
+    FORBIDDEN = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -397,6 +409,8 @@ class _ClientConnection(asyncio.Protocol):
                 self._settings.server_config,
                 self._settings.provider,
                 os.urandom,
+                # Ticket lifetimes and client certificate validity are judged by wall time.
+                clock=time.time,
                 key_log=self._settings.key_log,
             )
             transport.set_write_buffer_limits(high=self._settings.write_high_water)
@@ -676,16 +690,21 @@ class _ClientConnection(asyncio.Protocol):
                 ok=True,
                 offered_groups=event.offered_groups,
                 seconds=self._handshake_seconds,
+                signature=None if event.resumed else event.signature_scheme,
+                resumed=event.resumed,
             )
         logger.info(
-            "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s ms=%.1f",
+            "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s resumed=%s "
+            "client=%s ms=%.1f",
             self._peer,
             event.server_name or "-",
             enum_name(NamedGroup, event.group),
             enum_name(CipherSuite, event.cipher_suite),
-            enum_name(SignatureScheme, event.signature_scheme),
+            PSK_SIGNATURE if event.resumed else enum_name(SignatureScheme, event.signature_scheme),
             event.alpn_protocol or "-",
             "yes" if event.hello_retry else "no",
+            "yes" if event.resumed else "no",
+            identity_label(event.peer_identity),
             elapsed_ms,
         )
         hook = self._listener.on_handshake
@@ -696,6 +715,11 @@ class _ClientConnection(asyncio.Protocol):
                 logger.error("on_handshake hook failed: %s: %s", type(exc).__name__, exc)
         self._last_activity = self._loop.time()
         settings = self._settings
+        denied: str | None = None
+        allowed = settings.allowed_identities
+        if allowed is not None and not identity_allowed(event.peer_identity, allowed):
+            denied = f"client not on the allow list ({describe_identity(event.peer_identity)})"
+            logger.warning("peer=%s refused: %s", self._peer, denied)
         if settings.mode == "http":
             # The session keeps its own clocks: keep-alive idle, header read, upstream read.
             assert settings.http is not None and settings.pool is not None
@@ -713,9 +737,14 @@ class _ClientConnection(asyncio.Protocol):
                 self._peer,
                 info=ConnectionInfo(self._peer, tls_info, elapsed_ms),
                 telemetry=self._telemetry,
+                denied=denied,
             )
             self._http_task = self._loop.create_task(self._http.run())
             self._http_task.add_done_callback(self._http_done)
+            return
+        if denied is not None:
+            # A raw relay has no way to say 403: close before the upstream is dialled.
+            self._finish(CloseKind.FORBIDDEN, denied)
             return
         self._idle_timer = self._loop.call_later(settings.idle_timeout, self._on_idle_check)
         self._upstream_task = self._loop.create_task(self._connect_upstream())

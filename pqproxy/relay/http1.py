@@ -44,6 +44,7 @@ from http import HTTPStatus
 
 import h11
 
+from ..crypto.provider import PeerIdentity
 from ..tls.enums import CipherSuite, SignatureScheme, group_name
 from ..tls.events import HandshakeComplete
 
@@ -413,18 +414,39 @@ def strip_hop_by_hop(headers: Iterable[Header]) -> HeaderList:
 
 DEFAULT_TLS_INFO_PREFIX = "X-PQ-TLS"
 VIA_PSEUDONYM = b"pqproxy"
+# X-PQ-TLS-Signature of a resumed session: it authenticated with the ticket's PSK, and no
+# signature was made (RFC 8446 §2.2).
+PSK_SIGNATURE = "psk"
+
+
+@dataclass(frozen=True)
+class IdentityHeaders:
+    """Names of the request headers that carry the client certificate's identity upstream;
+    None: that part is not sent. Whatever the client sent under these names is always
+    removed first, whether or not the connection has an identity."""
+
+    subject: str | None = "X-Client-Subject"
+    uris: str | None = "X-Client-URI"
+    dns: str | None = "X-Client-DNS"
+
+    def lowered(self) -> frozenset[bytes]:
+        return frozenset(
+            n.lower().encode("ascii") for n in (self.subject, self.uris, self.dns) if n
+        )
 
 
 @dataclass(frozen=True)
 class ForwardingOptions:
     """Which headers the proxy adds upstream. A disabled one is passed through as the client
-    sent it, except the TLS-info headers: those are always removed from the client's request."""
+    sent it, except the TLS-info and identity headers: those are always removed from the
+    client's request."""
 
     x_forwarded_for: bool = True
     x_forwarded_proto: bool = True
     x_forwarded_host: bool = True
     via: bool = True
     tls_info_prefix: str | None = DEFAULT_TLS_INFO_PREFIX
+    identity_headers: IdentityHeaders = IdentityHeaders()
 
 
 @dataclass(frozen=True)
@@ -437,17 +459,23 @@ class ClientTLSInfo:
     signature: str | None
     alpn: str | None
     sni: str | None
+    # The verified client certificate's identity (mutual TLS), None without one.
+    identity: PeerIdentity | None = None
 
     @classmethod
-    def from_handshake(cls, event: HandshakeComplete, *, resumed: bool = False) -> ClientTLSInfo:
+    def from_handshake(cls, event: HandshakeComplete) -> ClientTLSInfo:
         return cls(
             group=group_name(event.group),
             cipher=_enum_name(CipherSuite, event.cipher_suite),
-            resumed=resumed,
-            # A resumed handshake has no CertificateVerify.
-            signature=None if resumed else _enum_name(SignatureScheme, event.signature_scheme),
+            resumed=event.resumed,
+            signature=(
+                PSK_SIGNATURE
+                if event.resumed
+                else _enum_name(SignatureScheme, event.signature_scheme)
+            ),
             alpn=event.alpn_protocol,
             sni=event.server_name,
+            identity=event.peer_identity,
         )
 
 
@@ -480,7 +508,10 @@ def upstream_request_headers(
     chunked = any(name == b"transfer-encoding" for name, _ in fields)
     prefix = (options.tls_info_prefix or DEFAULT_TLS_INFO_PREFIX).lower().encode("ascii")
 
-    replaced = {b"host"} if upstream_host is not None else set()
+    # The identity headers are the upstream's proof of who the client is: never the client's.
+    replaced = set(options.identity_headers.lowered())
+    if upstream_host is not None:
+        replaced.add(b"host")
     if options.x_forwarded_proto:
         replaced.add(b"x-forwarded-proto")
     if options.x_forwarded_host:
@@ -526,7 +557,90 @@ def upstream_request_headers(
         out.append((b"via", _via(via, http_version)))
     if options.tls_info_prefix is not None:
         out.extend(_tls_info_headers(prefix, tls))
+    if tls.identity is not None:
+        out.extend(identity_header_fields(options.identity_headers, tls.identity))
     return out
+
+
+def identity_header_fields(names: IdentityHeaders, identity: PeerIdentity) -> HeaderList:
+    """The identity as request headers. The subject is the RFC 4514 string with every byte
+    that is not printable ASCII escaped as RFC 4514 §2.4 allows (``\\0d``, ``\\c3\\a9``), so it
+    still names the same DN; URIs and DNS names are joined with ", ", with a comma or an
+    unprintable byte inside one percent-encoded."""
+    out: HeaderList = []
+    if names.subject is not None and identity.subject:
+        out.append((names.subject.lower().encode("ascii"), escape_dn(identity.subject)))
+    if names.uris is not None and identity.uris:
+        out.append((names.uris.lower().encode("ascii"), _join_values(identity.uris)))
+    if names.dns is not None and identity.dns_names:
+        out.append((names.dns.lower().encode("ascii"), _join_values(identity.dns_names)))
+    return out
+
+
+def escape_dn(subject: str) -> bytes:
+    """An RFC 4514 string made a safe header value: no CR, LF, NUL or other control byte, no
+    non-ASCII byte, no whitespace at either end; the DN it names is unchanged."""
+    out = bytearray()
+    for char in subject:
+        if 0x20 <= ord(char) < 0x7F:
+            out += char.encode("ascii")
+        else:
+            for byte in char.encode("utf-8", "surrogatepass"):
+                out += b"\\%02x" % byte
+    # h11 refuses a value with whitespace at either end (RFC 9110 §5.5); cryptography escapes
+    # a DN's leading and trailing spaces already, this keeps it so for any input.
+    if out[:1] == b" ":
+        out[:1] = b"\\20"
+    if out[-1:] == b" ":
+        # Already escaped ("\\ ", as cryptography writes it) when an odd number of
+        # backslashes precedes it: then only the space itself becomes its hex pair.
+        backslashes = len(out) - 1 - len(out[:-1].rstrip(b"\\"))
+        out[-1:] = b"20" if backslashes % 2 else b"\\20"
+    return bytes(out)
+
+
+def _join_values(values: Iterable[str]) -> bytes:
+    return b", ".join(_percent_encode(v) for v in values)
+
+
+def _percent_encode(value: str) -> bytes:
+    return b"".join(
+        bytes((b,)) if 0x21 <= b <= 0x7E and b != 0x2C else b"%%%02X" % b
+        for b in value.encode("utf-8", "surrogatepass")
+    )
+
+
+def identity_allowed(identity: PeerIdentity | None, allow: frozenset[str]) -> bool:
+    """Whether any name of ``identity`` is on ``allow``: a URI SAN or the RFC 4514 subject
+    exactly, a DNS SAN case-insensitively (the verifier lower-cases them). No identity (no
+    certificate under client_auth: optional) is never allowed."""
+    if identity is None:
+        return False
+    if identity.subject in allow or any(uri in allow for uri in identity.uris):
+        return True
+    lowered = {entry.lower() for entry in allow}
+    return any(name in lowered for name in identity.dns_names)
+
+
+def identity_label(identity: PeerIdentity | None) -> str:
+    """One word for a key=value log line: the first URI SAN, else the first DNS SAN, else the
+    subject, percent-encoded so that it holds no space or control character; "-" for none."""
+    if identity is None:
+        return "-"
+    first = (identity.uris or identity.dns_names or (identity.subject,))[0]
+    return _percent_encode(first).decode("ascii") or "-"
+
+
+def describe_identity(identity: PeerIdentity | None) -> str:
+    """The identity for a log line, with every name made printable."""
+    if identity is None:
+        return "no client certificate"
+    parts = [f"subject={escape_dn(identity.subject).decode('ascii')}"]
+    if identity.uris:
+        parts.append(f"uris={_join_values(identity.uris).decode('ascii')}")
+    if identity.dns_names:
+        parts.append(f"dns={_join_values(identity.dns_names).decode('ascii')}")
+    return " ".join(parts)
 
 
 def _via(existing: list[bytes], http_version: bytes) -> bytes:

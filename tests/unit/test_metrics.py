@@ -27,7 +27,7 @@ from pqproxy.metrics import (
     REQUEST_BUCKETS,
     ProxyMetrics,
 )
-from pqproxy.tls.enums import AlertDescription, NamedGroup
+from pqproxy.tls.enums import AlertDescription, NamedGroup, SignatureScheme
 from pqproxy.tls.events import HandshakeComplete
 from pqproxy.tls.server import ServerConfig, ServerConnection
 from tests.peers import client_context, memory_client, pump
@@ -42,7 +42,7 @@ EXPECTED: list[tuple[str, str, str, tuple[str, ...]]] = [
         "tls_handshakes",
         "pqproxy_tls_handshakes",
         "counter",
-        ("group", "cipher_suite", "backend", "hrr", "result"),
+        ("group", "cipher_suite", "signature", "backend", "hrr", "resumed", "result"),
     ),
     (
         "tls_handshake_duration",
@@ -159,6 +159,7 @@ def test_offered_groups_fold_grease_and_unknown_into_other() -> None:
         # twice: a client listing a group twice is counted once).
         offered_groups=(0x0A0A, 0x1234, NamedGroup.x25519, NamedGroup.secp256r1, 0x001D),
         seconds=0.002,
+        signature=SignatureScheme.mldsa65,
     )
     metrics = telemetry.metrics
     offered = "pqproxy_tls_client_groups_offered_total"
@@ -178,8 +179,10 @@ def test_offered_groups_fold_grease_and_unknown_into_other() -> None:
             "pqproxy_tls_handshakes_total",
             group="x25519",
             cipher_suite="TLS_AES_128_GCM_SHA256",
+            signature="mldsa65",
             backend="openssl",
             hrr="false",
+            resumed="false",
             result="ok",
         )
         == 1
@@ -187,6 +190,35 @@ def test_offered_groups_fold_grease_and_unknown_into_other() -> None:
     assert value(
         metrics, "pqproxy_tls_handshake_duration_seconds_sum", group="x25519", backend="openssl"
     ) == pytest.approx(0.002)
+
+
+def test_a_resumed_handshake_is_labelled_resumed_with_the_psk_signature() -> None:
+    telemetry = Telemetry(ProxyMetrics())
+    for resumed in (False, True):
+        telemetry.handshake(
+            group=NamedGroup.X25519MLKEM768,
+            cipher_suite=0x1301,
+            backend="openssl",
+            hrr=False,
+            ok=True,
+            offered_groups=(NamedGroup.X25519MLKEM768,),
+            seconds=0.001,
+            # A resumed session signs nothing; a caller passing a scheme anyway still gets psk.
+            signature=SignatureScheme.ecdsa_secp256r1_sha256,
+            resumed=resumed,
+        )
+    common = {
+        "group": "X25519MLKEM768",
+        "cipher_suite": "TLS_AES_128_GCM_SHA256",
+        "backend": "openssl",
+        "hrr": "false",
+        "result": "ok",
+    }
+    metrics = telemetry.metrics
+    name = "pqproxy_tls_handshakes_total"
+    assert value(metrics, name, signature="ecdsa_secp256r1_sha256", resumed="false", **common) == 1
+    assert value(metrics, name, signature="psk", resumed="true", **common) == 1
+    assert value(metrics, name, signature="ecdsa_secp256r1_sha256", resumed="true", **common) == 0
 
 
 def test_a_hybrid_offer_is_not_counted_as_no_hybrid() -> None:
@@ -204,7 +236,14 @@ def test_a_hybrid_offer_is_not_counted_as_no_hybrid() -> None:
     no_hybrid = "pqproxy_tls_handshakes_no_hybrid_offered_total"
     assert value(metrics, no_hybrid, result="failed") == 0
     assert value(metrics, "pqproxy_tls_handshake_failures_total", reason="handshake_failure") == 1
-    failed = {"cipher_suite": "none", "backend": "openssl", "hrr": "false", "result": "failed"}
+    failed = {
+        "cipher_suite": "none",
+        "signature": "none",
+        "backend": "openssl",
+        "hrr": "false",
+        "resumed": "false",
+        "result": "failed",
+    }
     assert value(metrics, "pqproxy_tls_handshakes_total", group="none", **failed) == 1
     # A failed handshake has no duration.
     assert "pqproxy_tls_handshake_duration_seconds" not in {

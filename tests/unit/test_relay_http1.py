@@ -6,6 +6,7 @@ sends is serialized by h11 and parsed back by an independent h11 connection in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import h11
@@ -427,11 +428,11 @@ def test_forged_tls_info_headers_are_removed_even_when_disabled() -> None:
     assert values(custom, b"x-pq-tls-group") == [b"forged"]
 
 
-def test_resumed_connection_has_no_signature_header() -> None:
-    tls = ClientTLSInfo("X25519MLKEM768", "TLS_AES_256_GCM_SHA384", True, None, None, None)
+def test_resumed_connection_says_psk_as_its_signature() -> None:
+    tls = ClientTLSInfo("X25519MLKEM768", "TLS_AES_256_GCM_SHA384", True, "psk", None, None)
     headers = forward(head("Host: a", request_line="GET /"), tls=tls)
     assert values(headers, b"x-pq-tls-resumed") == [b"1"]
-    assert values(headers, b"x-pq-tls-signature") == []
+    assert values(headers, b"x-pq-tls-signature") == [b"psk"]
 
 
 def test_x_forwarded_for_is_appended() -> None:
@@ -563,8 +564,11 @@ def test_client_tls_info_from_handshake() -> None:
         hello_retry=False,
     )
     assert ClientTLSInfo.from_handshake(event) == TLS
-    resumed = ClientTLSInfo.from_handshake(event, resumed=True)
-    assert resumed.resumed and resumed.signature is None
+    # A resumed session made no signature (the engine reports scheme 0): "psk" stands for it.
+    resumed = ClientTLSInfo.from_handshake(
+        dataclasses.replace(event, signature_scheme=0, resumed=True)
+    )
+    assert resumed.resumed and resumed.signature == "psk"
     odd = HandshakeComplete(0x1234, 0x1399, 0x0999, None, None, False)
     info = ClientTLSInfo.from_handshake(odd)
     assert (info.group, info.cipher, info.signature) == ("0x1234", "0x1399", "0x0999")
