@@ -281,6 +281,16 @@ class UpstreamConfig:
 
 
 LOG_STREAMS = ("stderr", "stdout")
+# How often the certificate and key files are checked for a change (pqproxy.io.cert_watch).
+DEFAULT_CERT_WATCH_INTERVAL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CertWatchConfig:
+    """Reload rotated certificates (a renewed Kubernetes Secret) without a restart or a
+    signal: every listener's certificate and key files are checked every ``interval``."""
+
+    interval: float = DEFAULT_CERT_WATCH_INTERVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +341,8 @@ class Config:
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     # The default of every listener's tls.tickets (each key may be overridden there).
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    # None: certificates change only on SIGHUP or a restart.
+    cert_watch: CertWatchConfig | None = field(default_factory=CertWatchConfig)
     source: str = "<config>"
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -690,6 +702,7 @@ class _Parser:
                 "drain_timeout",
                 "crypto",
                 "tickets",
+                "cert_watch",
                 "listeners",
                 "upstreams",
             ],
@@ -705,6 +718,7 @@ class _Parser:
         )
         crypto = self.crypto(top.get("crypto"))
         tickets = self.tickets("tickets", top.get("tickets"), TicketsConfig())
+        cert_watch = self.cert_watch(top)
         upstreams: tuple[UpstreamConfig, ...] = ()
         # Names as written, so that a pool with a bad server is still a valid reference.
         pool_names: list[str] | None = None
@@ -731,7 +745,22 @@ class _Parser:
             drain_timeout=drain,
             crypto=crypto,
             tickets=tickets,
+            cert_watch=cert_watch,
             source=source,
+        )
+
+    def cert_watch(self, top: Mapping[str, Any]) -> CertWatchConfig | None:
+        """``cert_watch: {interval: 5s}`` (the default), or null or false (YAML reads an
+        unquoted ``off`` as false) to turn it off."""
+        if "cert_watch" not in top:
+            return CertWatchConfig()
+        if top["cert_watch"] is None or top["cert_watch"] is False:
+            return None
+        raw = self.section("cert_watch", top["cert_watch"], ["interval"], nullable=False)
+        return CertWatchConfig(
+            interval=self.get(
+                raw, "cert_watch", "interval", parse_duration, DEFAULT_CERT_WATCH_INTERVAL
+            )
         )
 
     def crypto(self, value: object) -> CryptoConfig:

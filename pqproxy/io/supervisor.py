@@ -65,7 +65,7 @@ from ..crypto.offload import (
     build_offloader,
     create_provider,
 )
-from ..crypto.provider import BackendError, CryptoProvider
+from ..crypto.provider import BackendError, CertifiedKey, CryptoProvider
 from ..crypto.selftest import SelfTestError, run_startup_self_tests
 from ..metrics import (
     READY_CHECKS,
@@ -87,6 +87,7 @@ from .admin import (
     bind_admin_socket,
     select_with_admin,
 )
+from .cert_watch import CertificateWatch, replace_certificates
 from .http_proxy import HttpSettings
 from .keylog import KEY_LOG_ENV, close_key_logs, open_key_log
 from .loop import ShutdownSignals, run
@@ -331,6 +332,48 @@ def start_ticket_masters(config: Config) -> TicketMasters:
         return TicketMasters.start(config)
     except TicketKeyError as exc:
         raise ServeError(str(exc)) from None
+
+
+def _rotation_loader(offloader: Offloader | None) -> Callable[[Path, Path], CertifiedKey]:
+    """How the certificate watch loads a rotated pair: as server_config() does, the key
+    registered with the offloader (process mode signs with the PEM in its workers)."""
+
+    def load(cert: Path, key: Path) -> CertifiedKey:
+        try:
+            before = key.read_bytes()
+        except OSError as exc:
+            raise CertificateLoadError(
+                f"key file {key}: cannot read: {exc.strerror or exc}"
+            ) from None
+        certified = load_certified_key(cert, key)
+        if offloader is not None:
+            try:
+                pem = _pem_or_none(key)
+            except OSError as exc:
+                raise CertificateLoadError(f"key file {key}: {exc.strerror or exc}") from None
+            if pem is not None and pem != before:
+                # The registered PEM and the loaded signer must be the same key; the watch
+                # sees the new stamp and loads again at its next look.
+                raise CertificateLoadError(f"key file {key}: changed while it was loaded")
+            try:
+                offloader.register_signer(certified.signer, pem)
+            except OffloadConfigError as exc:
+                raise CertificateLoadError(f"key file {key}: {exc}") from None
+        return certified
+
+    return load
+
+
+def certificate_watch(
+    config: Config, offloader: Offloader | None = None
+) -> CertificateWatch | None:
+    """The watch over ``config``'s certificate files, or None when ``cert_watch`` is off.
+    Made before ``build_runtime`` loads the certificates, so a change in between is seen."""
+    if config.cert_watch is None:
+        return None
+    return CertificateWatch.for_listeners(
+        config.listeners, config.cert_watch.interval, load=_rotation_loader(offloader)
+    )
 
 
 def _pem_or_none(path: Path) -> bytes | None:
@@ -613,6 +656,8 @@ class _Server:
     # Pools replaced by a reload: connections accepted before it still use them.
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
     admin: AdminServer | None = None
+    # Certificate rotation without a signal; None: off. Started once the listeners serve.
+    cert_watch: CertificateWatch | None = None
     readiness: ReadinessState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -659,6 +704,21 @@ class _Server:
         self.readiness.listeners(True)
         # Only now: a worker publishes its checks once it serves (see pqproxy.io.admin).
         self.readiness.start_publishing()
+        if self.cert_watch is not None:
+            self.cert_watch.start(self.swap_certificates)
+
+    def swap_certificates(self, name: str, certificates: tuple[CertifiedKey, ...]) -> None:
+        """New handshakes on listener ``name`` present ``certificates``; established
+        connections keep the settings they were accepted with. Raises ValueError (the
+        watcher then refuses the new set) when the listener's ServerConfig rejects them."""
+        for index, listener_config in enumerate(self.config.listeners):
+            if listener_config.name == name:
+                listener = self.listeners[index]
+                listener.settings = replace_certificates(listener.settings, certificates)
+                # Kept in step, so that what the runtime says is what is served.
+                self.runtime.listeners = tuple(item.settings for item in self.listeners)
+                return
+        raise ValueError(f"no listener named {name!r}")
 
     async def _start_admin(self) -> None:
         address = self.config.admin
@@ -689,6 +749,8 @@ class _Server:
         try:
             config = self.reload_config()
             check_reloadable(old.config, config)
+            # Before the certificates are loaded: a rotation in between is then seen.
+            cert_watch = certificate_watch(config, old.offloader)
             runtime = build_runtime(
                 config,
                 old.provider,
@@ -734,6 +796,12 @@ class _Server:
                 task.add_done_callback(self.retiring.discard)
         self.runtime = runtime
         self.readiness.watch(self._pools_in_use())
+        # The new configuration may name other files or another interval.
+        if self.cert_watch is not None:
+            await self.cert_watch.close()
+        self.cert_watch = cert_watch
+        if cert_watch is not None:
+            cert_watch.start(self.swap_certificates)
         logging.getLogger().setLevel(config.logging.level.upper())
         logging.getLogger("pqproxy.access").disabled = not config.logging.access_log
         if config.logging.destination != old.config.logging.destination:
@@ -809,6 +877,8 @@ class _Server:
         """Close every listener (immediately) and every pool, retiring ones included, then
         the admin endpoint."""
         self.readiness.listeners(False, "shutting down")
+        if self.cert_watch is not None:
+            await self.cert_watch.close()
         await asyncio.gather(*(listener.close() for listener in self.listeners))
         for task in list(self.retiring):
             task.cancel()
@@ -872,6 +942,8 @@ async def run_worker(
         offloader = build_offloader(offload_settings(crypto), provider, fallback)
     except OffloadConfigError as exc:
         raise ServeError(f"crypto: {exc}") from None
+    # Before build_runtime loads the certificates (see pqproxy.io.cert_watch).
+    cert_watch = certificate_watch(config, offloader)
     server = _Server(
         build_runtime(
             config,
@@ -883,6 +955,7 @@ async def run_worker(
         reload_config,
         telemetry=telemetry,
         serve_admin=serve_admin,
+        cert_watch=cert_watch,
     )
     with ShutdownSignals(signals) as caught:
         try:
