@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from ..tls.enums import NamedGroup, group_name
 from .provider import (
     ClientKeyExchange,
-    InvalidKeyShare,
     Kem,
     KemDecapsulator,
     KxGroup,
     SharedSecret,
+    check_share_length,
 )
 
 # draft-ietf-tls-ecdhe-mlkem §3 and §3.1: component names in wire order. The
@@ -49,11 +49,6 @@ MLKEM_GROUPS: dict[str, int] = {
     "ML-KEM-768": 0x0201,
     "ML-KEM-1024": 0x0202,
 }
-
-
-def _check_length(what: str, data: bytes, expected: int) -> None:
-    if len(data) != expected:
-        raise InvalidKeyShare(f"{what}: expected {expected} bytes, got {len(data)}")
 
 
 class KemGroup:
@@ -88,7 +83,9 @@ class KemGroup:
         return self._kem.ciphertext_length
 
     def server_exchange(self, client_share: bytes) -> tuple[bytes, SharedSecret]:
-        _check_length(f"{self._name} encapsulation key", client_share, self.client_share_length)
+        check_share_length(
+            f"{self._name} encapsulation key", client_share, self.client_share_length
+        )
         return self._kem.encapsulate(client_share)
 
     def start(self) -> ClientKeyExchange:
@@ -113,7 +110,7 @@ class _KemClient:
     def complete(self, server_share: bytes) -> SharedSecret:
         # draft-ietf-tls-ecdhe-mlkem §3.1.2: a ciphertext of the wrong length
         # is illegal_parameter; any other decapsulation failure is internal.
-        _check_length(f"{self._name} ciphertext", server_share, self._ciphertext_length)
+        check_share_length(f"{self._name} ciphertext", server_share, self._ciphertext_length)
         return self._decapsulator.decapsulate(server_share)
 
     def __repr__(self) -> str:
@@ -169,7 +166,7 @@ class HybridGroup:
         return self._server_length
 
     def server_exchange(self, client_share: bytes) -> tuple[bytes, SharedSecret]:
-        _check_length(f"{self._name} client share", client_share, self._client_length)
+        check_share_length(f"{self._name} client share", client_share, self._client_length)
         split = self._client_split
         share1, secret1 = self._first.server_exchange(client_share[:split])
         share2, secret2 = self._second.server_exchange(client_share[split:])
@@ -211,7 +208,7 @@ class _HybridClient:
         return self._share
 
     def complete(self, server_share: bytes) -> SharedSecret:
-        _check_length(f"{self._name} server share", server_share, self._server_length)
+        check_share_length(f"{self._name} server share", server_share, self._server_length)
         split = self._split
         secret1 = self._first.complete(server_share[:split])
         secret2 = self._second.complete(server_share[split:])

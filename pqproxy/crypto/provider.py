@@ -30,6 +30,12 @@ class InvalidKeyShare(ValueError):
     X25519 output). The engine answers it with illegal_parameter."""
 
 
+def check_share_length(what: str, data: bytes, expected: int) -> None:
+    """The length check every key share and KEM input gets before any primitive runs."""
+    if len(data) != expected:
+        raise InvalidKeyShare(f"{what}: expected {expected} bytes, got {len(data)}")
+
+
 class BackendError(RuntimeError):
     """The backend itself failed (token removed, library error). The engine
     answers it with internal_error; the operator sees the reason in the log."""

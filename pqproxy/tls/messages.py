@@ -345,8 +345,3 @@ def encode_finished(verify_data: bytes) -> bytes:
 
 def encode_key_update(update_requested: bool) -> bytes:
     return handshake_message(HandshakeType.KEY_UPDATE, b"\x01" if update_requested else b"\x00")
-
-
-def message_hash(hash_name_digest: bytes) -> bytes:
-    """The synthetic message_hash message that replaces ClientHello1 after an HRR."""
-    return handshake_message(HandshakeType.MESSAGE_HASH, hash_name_digest)

@@ -154,13 +154,15 @@ def test_mlkem_single_coefficient_out_of_range_fails_the_modulus_check() -> None
 
 @pytest.mark.parametrize("length", [0, 1183, 1185, 1568])
 def test_mlkem_wrong_key_length(length: int) -> None:
-    with pytest.raises(InvalidKeyShare, match="1184-byte"):
+    with pytest.raises(
+        InvalidKeyShare, match=f"encapsulation key: expected 1184 bytes, got {length}$"
+    ):
         openssl.kems()["ML-KEM-768"].encapsulate(bytes(length))
 
 
 def test_mlkem_wrong_ciphertext_length() -> None:
     decapsulator = openssl.kems()["ML-KEM-1024"].generate()
-    with pytest.raises(InvalidKeyShare, match="1568-byte ciphertext"):
+    with pytest.raises(InvalidKeyShare, match="ciphertext: expected 1568 bytes, got 1088$"):
         decapsulator.decapsulate(bytes(1088))
 
 

@@ -40,7 +40,14 @@ from typing import Any, Final
 
 from ...tls.enums import group_name
 from ..hybrid import compose_groups
-from ..provider import BackendError, InvalidKeyShare, Kem, KxGroup, SharedSecret
+from ..provider import (
+    BackendError,
+    InvalidKeyShare,
+    Kem,
+    KxGroup,
+    SharedSecret,
+    check_share_length,
+)
 from . import openssl
 
 NAME: Final = "liboqs"
@@ -305,11 +312,7 @@ class LiboqsKem:
         return self._ct_length
 
     def encapsulate(self, encapsulation_key: bytes) -> tuple[bytes, SharedSecret]:
-        if len(encapsulation_key) != self._ek_length:
-            raise InvalidKeyShare(
-                f"{self._name}: expected a {self._ek_length}-byte encapsulation key, "
-                f"got {len(encapsulation_key)}"
-            )
+        check_share_length(f"{self._name} encapsulation key", encapsulation_key, self._ek_length)
         try:
             ciphertext, secret = self._encapsulator.encap_secret(encapsulation_key)
         except Exception as exc:
@@ -366,10 +369,7 @@ class LiboqsDecapsulator:
         return self._encapsulation_key
 
     def decapsulate(self, ciphertext: bytes) -> SharedSecret:
-        if len(ciphertext) != self._ct_length:
-            raise InvalidKeyShare(
-                f"{self._name}: expected a {self._ct_length}-byte ciphertext, got {len(ciphertext)}"
-            )
+        check_share_length(f"{self._name} ciphertext", ciphertext, self._ct_length)
         # Decapsulation of a well-sized ciphertext cannot fail (implicit
         # rejection): a failure is the library's, internal_error per
         # draft-ietf-tls-ecdhe-mlkem §3.1.2.

@@ -33,6 +33,7 @@ from ..provider import (
     Kem,
     KxGroup,
     SharedSecret,
+    check_share_length,
 )
 
 NAME: Final = "openssl"
@@ -82,8 +83,7 @@ class X25519Group:
         return _X25519_LENGTH
 
     def server_exchange(self, client_share: bytes) -> tuple[bytes, SharedSecret]:
-        if len(client_share) != _X25519_LENGTH:
-            raise InvalidKeyShare(f"x25519: expected 32 bytes, got {len(client_share)}")
+        check_share_length("x25519 client share", client_share, _X25519_LENGTH)
         try:
             private_key = X25519PrivateKey.generate()
             secret = _x25519_agree(private_key, client_share)
@@ -115,8 +115,7 @@ class _X25519Client:
         return self._share
 
     def complete(self, server_share: bytes) -> SharedSecret:
-        if len(server_share) != _X25519_LENGTH:
-            raise InvalidKeyShare(f"x25519: expected 32 bytes, got {len(server_share)}")
+        check_share_length("x25519 server share", server_share, _X25519_LENGTH)
         return _x25519_agree(self._private_key, server_share)
 
     def __repr__(self) -> str:
@@ -156,10 +155,7 @@ class EcdhGroup:
         return self._share_length
 
     def load_share(self, share: bytes) -> ec.EllipticCurvePublicKey:
-        if len(share) != self._share_length:
-            raise InvalidKeyShare(
-                f"{self._name}: expected {self._share_length} bytes, got {len(share)}"
-            )
+        check_share_length(f"{self._name} share", share, self._share_length)
         # RFC 8446 §4.2.8.2: TLS 1.3 has only the uncompressed form.
         if share[0] != 4:
             raise InvalidKeyShare(f"{self._name}: not an uncompressed point")
@@ -258,11 +254,7 @@ class MlKem:
         return self._ct_length
 
     def encapsulate(self, encapsulation_key: bytes) -> tuple[bytes, SharedSecret]:
-        if len(encapsulation_key) != self._ek_length:
-            raise InvalidKeyShare(
-                f"{self._name}: expected a {self._ek_length}-byte encapsulation key, "
-                f"got {len(encapsulation_key)}"
-            )
+        check_share_length(f"{self._name} encapsulation key", encapsulation_key, self._ek_length)
         # With the length right, the only ValueError left is the FIPS 203
         # §7.2 modulus check (a coefficient ≥ q), which OpenSSL runs on load.
         try:
@@ -301,10 +293,7 @@ class _MlKemDecapsulator:
         return self._encapsulation_key
 
     def decapsulate(self, ciphertext: bytes) -> SharedSecret:
-        if len(ciphertext) != self._ct_length:
-            raise InvalidKeyShare(
-                f"{self._name}: expected a {self._ct_length}-byte ciphertext, got {len(ciphertext)}"
-            )
+        check_share_length(f"{self._name} ciphertext", ciphertext, self._ct_length)
         # ML-KEM decapsulation of a well-sized ciphertext cannot fail (implicit
         # rejection), so a failure here is the library's: internal_error per
         # draft-ietf-tls-ecdhe-mlkem §3.1.2.

@@ -56,6 +56,7 @@ from ..provider import (
     KxGroup,
     SharedSecret,
     Signer,
+    check_share_length,
 )
 from . import openssl
 
@@ -1154,10 +1155,7 @@ class Pkcs11MlKem:
         return getattr(_import_pkcs11().MLKEMParameterSet, self._parameter_set)
 
     def encapsulate(self, encapsulation_key: bytes) -> tuple[bytes, SharedSecret]:
-        if len(encapsulation_key) != self._ek_length:
-            raise InvalidKeyShare(
-                f"{self._name}: expected a {self._ek_length}-byte key, got {len(encapsulation_key)}"
-            )
+        check_share_length(f"{self._name} encapsulation key", encapsulation_key, self._ek_length)
         try:
             self._check_key(encapsulation_key)
         except ValueError:
@@ -1243,11 +1241,7 @@ class _Pkcs11MlKemDecapsulator:
 
     def decapsulate(self, ciphertext: bytes) -> SharedSecret:
         kem = self._kem
-        if len(ciphertext) != kem.ciphertext_length:
-            raise InvalidKeyShare(
-                f"{kem.name}: expected a {kem.ciphertext_length}-byte ciphertext, "
-                f"got {len(ciphertext)}"
-            )
+        check_share_length(f"{kem.name} ciphertext", ciphertext, kem.ciphertext_length)
         pkcs11 = _import_pkcs11()
         Attribute = pkcs11.Attribute
 
