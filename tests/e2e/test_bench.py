@@ -11,16 +11,13 @@ that both sides see; the plot is a real PNG.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import queue
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +28,10 @@ from pqproxy.bench.handshake import HandshakeOptions, run_handshake_bench
 from pqproxy.bench.pool import interleave
 from pqproxy.bench.procs import ServerProcess, python_env
 from pqproxy.bench.report import HANDSHAKE_FIELDS, REQUEST_FIELDS, field_paths, summarize
-from pqproxy.crypto.backends.openssl import OpenSSLProvider
-from pqproxy.crypto.certs import load_certified_key
-from pqproxy.demo_upstream import serve_demo_upstream
 from pqproxy.devcert import DevCertPaths, generate_dev_certs
-from pqproxy.io.http_proxy import HttpSettings
-from pqproxy.io.tls_server import ListenerSettings, TLSListener
-from pqproxy.io.upstream import PoolSettings, UpstreamPool
 from pqproxy.tls.enums import NamedGroup
 from pqproxy.tls.events import HandshakeComplete
-from pqproxy.tls.server import ServerConfig
+from tests.inprocess import http_proxy_in_thread
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -71,73 +62,15 @@ class InProcessProxy:
         return self.handshakes.empty()
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout=WAIT)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=WAIT)
-        self.loop.close()
-
-
 @pytest.fixture
 def pqproxy_server(dev_certs: DevCertPaths) -> Iterator[InProcessProxy]:
     """pqproxy in http mode (the default of `pqproxy serve`) before the demo upstream."""
-    loop_thread = _LoopThread()
     proxy = InProcessProxy()
-    started: dict[str, Any] = {}
-
-    async def start() -> None:
-        upstream = await serve_demo_upstream("127.0.0.1", 0, tokens=4, token_interval=0.0)
-        started["upstream"] = upstream
-        upstream_port: int = upstream.sockets[0].getsockname()[1]
-        pool = UpstreamPool(
-            PoolSettings(name="demo", servers=(("127.0.0.1", upstream_port),), health_check=None)
-        )
-        started["pool"] = pool
-        await pool.start()
-        settings = ListenerSettings(
-            host="127.0.0.1",
-            port=0,
-            server_config=ServerConfig(
-                certificates=(load_certified_key(dev_certs.cert, dev_certs.key),)
-            ),
-            provider=OpenSSLProvider(),
-            upstream_host="127.0.0.1",
-            upstream_port=upstream_port,
-            mode="http",
-            http=HttpSettings(),
-            pool=pool,
-        )
-        listener = TLSListener(
-            settings, on_handshake=lambda event, _peer: proxy.handshakes.put(event)
-        )
-        started["listener"] = listener
-        await listener.start()
-        proxy.port = listener.port
-
-    async def stop() -> None:
-        if "listener" in started:
-            await started["listener"].close(grace=1.0)
-        if "pool" in started:
-            await started["pool"].close()
-        if "upstream" in started:
-            started["upstream"].close()
-            await asyncio.wait_for(started["upstream"].wait_closed(), WAIT)
-
-    try:
-        loop_thread.run(start())
+    with http_proxy_in_thread(
+        dev_certs, proxy.handshakes.put, tokens=4, token_interval=0.0
+    ) as port:
+        proxy.port = port
         yield proxy
-    finally:
-        loop_thread.run(stop())
-        loop_thread.stop()
 
 
 @pytest.fixture

@@ -8,11 +8,8 @@ server saw arrives on thread-safe queues; tests wait on them with timeouts.
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +21,7 @@ from pqproxy.demo_upstream import serve_demo_upstream
 from pqproxy.io.tls_server import ConnectionClosed, ListenerSettings, TLSListener
 from pqproxy.tls.events import HandshakeComplete
 from pqproxy.tls.server import ServerConfig
+from tests.inprocess import LoopThread
 
 WAIT = 20.0
 
@@ -41,28 +39,12 @@ class RunningProxy:
         return self.closed.get(timeout=WAIT)
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout=WAIT)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=WAIT)
-        self.loop.close()
-
-
 ProxyFactory = Callable[..., RunningProxy]
 
 
 @pytest.fixture
 def proxy_factory(dev_certs_factory: Callable[[str], Any]) -> Iterator[ProxyFactory]:
-    loop_thread = _LoopThread()
+    loop_thread = LoopThread()
     cleanups: list[Any] = []
 
     async def start(config: ServerConfig, proxy: RunningProxy) -> None:
