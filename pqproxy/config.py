@@ -34,6 +34,7 @@ import yaml
 
 from .crypto.backends import BACKEND_MODULES
 from .crypto.offload import OffloadMode
+from .relay.http1 import FORWARDING_HEADER_NAMES, HOP_BY_HOP, ForwardedFor, UnderscoreHeaders
 from .tls.enums import HYBRID_GROUPS, CipherSuite, NamedGroup
 from .tls.server import (
     DEFAULT_CIPHER_SUITES,
@@ -116,25 +117,12 @@ class CertificateConfig:
 DEFAULT_IDENTITY_HEADERS = ("X-Client-Subject", "X-Client-URI", "X-Client-DNS")
 # Headers the proxy itself writes or that frame the request: an identity header of that name
 # would be dropped, or would change how the upstream reads the message.
+# The lists are the relay's own (pqproxy/relay/http1.py), so the two never drift apart.
 _RESERVED_HEADER_NAMES = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "via",
-        "expect",
-    }
+    name.decode("ascii")
+    for name in (
+        HOP_BY_HOP | FORWARDING_HEADER_NAMES | {b"host", b"content-length", b"expect"}
+    )
 )
 
 
@@ -207,6 +195,9 @@ class ListenerTimeouts:
     handshake: float = 10.0
     header_read: float = 30.0
     idle: float = 75.0  # keep-alive: between requests on one connection
+    # No write progress toward the client for this long aborts the connection, client and
+    # upstream side (nginx's send_timeout); http and tcp mode alike.
+    send: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +215,11 @@ class HeaderConfig:
     via: bool = True
     # Prefix of the X-PQ-TLS-Group / -Cipher / -Resumed request headers; None: not sent.
     tls_info: str | None = DEFAULT_TLS_INFO_PREFIX
+    # Client header names with "_": drop (as nginx and Envoy), reject (400), or allow (still
+    # dropped when they normalise to a header pqproxy owns).
+    underscore_headers: UnderscoreHeaders = UnderscoreHeaders.DROP
+    # X-Forwarded-For: append the peer address to the client's list, or replace it.
+    forwarded_for: ForwardedFor = ForwardedFor.APPEND
 
 
 @dataclass(frozen=True, slots=True)
@@ -1117,12 +1113,13 @@ class _Parser:
         return CertificateConfig(cert=cert, key=key, server_names=names)
 
     def listener_timeouts(self, path: str, value: object) -> ListenerTimeouts:
-        raw = self.section(path, value, ["handshake", "header_read", "idle"])
+        raw = self.section(path, value, ["handshake", "header_read", "idle", "send"])
         d = ListenerTimeouts()
         return ListenerTimeouts(
             handshake=self.get(raw, path, "handshake", parse_duration, d.handshake),
             header_read=self.get(raw, path, "header_read", parse_duration, d.header_read),
             idle=self.get(raw, path, "idle", parse_duration, d.idle),
+            send=self.get(raw, path, "send", parse_duration, d.send),
         )
 
     def limits(self, path: str, value: object) -> ListenerLimits:
@@ -1139,7 +1136,15 @@ class _Parser:
         )
 
     def headers(self, path: str, value: object) -> HeaderConfig:
-        keys = ["x_forwarded_for", "x_forwarded_proto", "x_forwarded_host", "via", "tls_info"]
+        keys = [
+            "x_forwarded_for",
+            "x_forwarded_proto",
+            "x_forwarded_host",
+            "via",
+            "tls_info",
+            "underscore_headers",
+            "forwarded_for",
+        ]
         raw = self.section(path, value, keys)
         d = HeaderConfig()
         return HeaderConfig(
@@ -1148,6 +1153,12 @@ class _Parser:
             x_forwarded_host=self.get(raw, path, "x_forwarded_host", _bool, d.x_forwarded_host),
             via=self.get(raw, path, "via", _bool, d.via),
             tls_info=self.get(raw, path, "tls_info", _tls_info, d.tls_info),
+            underscore_headers=self.get(
+                raw, path, "underscore_headers", _enum(UnderscoreHeaders), d.underscore_headers
+            ),
+            forwarded_for=self.get(
+                raw, path, "forwarded_for", _enum(ForwardedFor), d.forwarded_for
+            ),
         )
 
     def upstreams(self, value: object) -> tuple[UpstreamConfig, ...]:

@@ -7,6 +7,7 @@ exactly one server certificate.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
@@ -17,11 +18,19 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .crypto import der
+
 _KeyFactory = Callable[[], CertificateIssuerPrivateKeyTypes]
+
+_RSA_PSS: Final = "rsa-pss"
+# RFC 8446 §4.2.3: MGF1 over the signature's hash, salt as long as the hash.
+_PSS_PADDING: Final = padding.PSS(
+    mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH
+)
 
 # key type → (key generator, hash for the certificate signature; None where
 # the algorithm fixes its own, as Ed25519 and ML-DSA do).
@@ -30,6 +39,12 @@ _KEY_FACTORIES: Final[dict[str, tuple[_KeyFactory, hashes.SHA256 | hashes.SHA384
     "ecdsa-p384": (lambda: ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()),
     "ed25519": (ed25519.Ed25519PrivateKey.generate, None),
     "rsa2048": (
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        hashes.SHA256(),
+    ),
+    # An id-RSASSA-PSS key (RFC 4055 §3.1), restricted to SHA-256: it signs TLS 1.3 with
+    # rsa_pss_pss_sha256 only. See _with_pss_key for how the certificates are made.
+    _RSA_PSS: (
         lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
         hashes.SHA256(),
     ),
@@ -104,6 +119,7 @@ def generate_dev_certs(
     if any(not s or s != s.strip() for s in sans):
         raise ValueError(f"empty or padded name in sans: {list(sans)!r}")
     generate, hash_algorithm = _KEY_FACTORIES[key_type]
+    rsa_padding = _PSS_PADDING if key_type == _RSA_PSS else None
 
     now = datetime.datetime.now(datetime.UTC)
     not_before = now - _BACKDATE
@@ -136,7 +152,7 @@ def generate_dev_certs(
             critical=True,
         )
         .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hash_algorithm)
+        .sign(ca_key, hash_algorithm, rsa_padding=rsa_padding)
     )
 
     leaf_key = generate()
@@ -174,22 +190,73 @@ def generate_dev_certs(
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False
         )
-        .sign(ca_key, hash_algorithm)
+        .sign(ca_key, hash_algorithm, rsa_padding=rsa_padding)
     )
+    leaf_key_der = leaf_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    if key_type == _RSA_PSS:
+        assert isinstance(ca_key, rsa.RSAPrivateKey)
+        ca_cert = _with_pss_key(ca_cert, ca_key)
+        leaf_cert = _with_pss_key(leaf_cert, ca_key)
+        leaf_key_der = _pss_private_key_info(leaf_key_der, _pss_algorithm(leaf_cert))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = DevCertPaths(
         ca=out_dir / "ca.pem", cert=out_dir / "server.pem", key=out_dir / "server.key"
     )
-    _write_private(
-        paths.key,
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    _write_private(paths.key, _pem("PRIVATE KEY", leaf_key_der))
     paths.cert.write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))
     paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return paths
+
+
+def _pem(label: str, body: bytes) -> bytes:
+    text = base64.encodebytes(body).decode("ascii").replace("\n", "")
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    text = f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n"
+    return text.encode("ascii")
+
+
+# -- id-RSASSA-PSS keys ------------------------------------------------------------------------
+# cryptography signs with RSASSA-PSS but writes every RSA public key as rsaEncryption. A
+# certificate for an id-RSASSA-PSS key is therefore built by cryptography and then given the
+# PSS SubjectPublicKeyInfo by hand: the same key bits under an AlgorithmIdentifier equal to
+# the certificate's PSS signature algorithm (id-RSASSA-PSS, SHA-256, MGF1-SHA-256, salt 32:
+# RFC 4055 §3.1 lets key and signature parameters be the same), and signed again. The key
+# file gets the same AlgorithmIdentifier, as `openssl genpkey -algorithm RSA-PSS` writes it.
+
+
+def _pss_algorithm(cert: x509.Certificate) -> bytes:
+    """The certificate's signatureAlgorithm (id-RSASSA-PSS with its parameters), DER."""
+    outer = der.children(
+        der.read_one(cert.public_bytes(serialization.Encoding.DER), der.SEQUENCE).value
+    )
+    return outer[1].encoded
+
+
+def _with_pss_key(cert: x509.Certificate, issuer_key: rsa.RSAPrivateKey) -> x509.Certificate:
+    tbs, algorithm, _signature = der.children(
+        der.read_one(cert.public_bytes(serialization.Encoding.DER), der.SEQUENCE).value
+    )
+    fields = der.children(tbs.value)
+    # TBSCertificate: [0] version, serial, signature, issuer, validity, subject, SPKI, ...
+    index = 6 if fields[0].tag == der.context(0) else 5
+    _old_algorithm, public_key_bits = der.children(fields[index].value)
+    new_fields = [f.encoded for f in fields]
+    new_fields[index] = der.sequence(algorithm.encoded, public_key_bits.encoded)
+    new_tbs = der.sequence(*new_fields)
+    signature = issuer_key.sign(new_tbs, _PSS_PADDING, hashes.SHA256())
+    certificate = der.sequence(
+        new_tbs, algorithm.encoded, der.encode(der.BIT_STRING, b"\x00" + signature)
+    )
+    return x509.load_der_x509_certificate(certificate)
+
+
+def _pss_private_key_info(pkcs8: bytes, algorithm: bytes) -> bytes:
+    """PrivateKeyInfo (RFC 5208 §5) with ``algorithm`` in place of rsaEncryption."""
+    version, _algorithm, private_key, *rest = der.children(der.read_one(pkcs8, der.SEQUENCE).value)
+    return der.sequence(
+        version.encoded, algorithm, private_key.encoded, *(item.encoded for item in rest)
+    )

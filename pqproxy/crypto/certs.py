@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from ..tls.enums import SignatureScheme
+from . import spki
 from .backends import openssl
 from .provider import CertifiedKey, Signer
 
@@ -90,7 +92,80 @@ def load_certified_key(
         raise CertificateLoadError(f"key file {key_file}: {exc}") from None
 
     _check_key_matches(signer, leaf, cert_file, key_file)
-    return CertifiedKey(chain=chain, signer=signer, names=leaf_names(leaf))
+    try:
+        allowed = spki.certificate_schemes(leaf)
+    except spki.UnusableKey as exc:
+        raise CertificateLoadError(f"certificate file {cert_file}: {exc}") from None
+    certified_signer = signer_for_certificate(signer, allowed)
+    if not certified_signer.schemes:
+        raise CertificateLoadError(
+            f"key file {key_file}: the {signer.backend} backend cannot sign with any scheme "
+            f"the certificate in {cert_file} allows ({_scheme_names(allowed)})"
+        )
+    return CertifiedKey(chain=chain, signer=certified_signer, names=leaf_names(leaf))
+
+
+def _scheme_names(schemes: tuple[int, ...]) -> str:
+    names = []
+    for scheme in schemes:
+        try:
+            names.append(SignatureScheme(scheme).name)
+        except ValueError:
+            names.append(f"0x{scheme:04x}")
+    return ", ".join(names)
+
+
+class CertificateSigner:
+    """A backend's signer seen through its certificate: it offers only the schemes the
+    certificate's SPKI allows (pqproxy.crypto.spki), and signs ``rsa_pss_pss_*`` with the
+    backend's ``rsa_pss_rsae_*`` operation of the same hash, which is the same RSASSA-PSS
+    computation (RFC 8446 §4.2.3: the two families differ only in the key's OID)."""
+
+    __slots__ = ("_inner", "_schemes", "_backend_scheme")
+
+    def __init__(self, inner: Signer, backend_scheme: dict[int, int]) -> None:
+        self._inner = inner
+        self._backend_scheme = backend_scheme
+        self._schemes = tuple(backend_scheme)
+
+    @property
+    def schemes(self) -> tuple[int, ...]:
+        return self._schemes
+
+    @property
+    def backend(self) -> str:
+        return self._inner.backend
+
+    @property
+    def inner(self) -> Signer:
+        return self._inner
+
+    def sign(self, scheme: int, message: bytes) -> bytes:
+        backend_scheme = self._backend_scheme.get(scheme)
+        if backend_scheme is None:
+            raise ValueError(f"this certificate's key does not sign with scheme {scheme:#06x}")
+        return self._inner.sign(backend_scheme, message)
+
+    def __repr__(self) -> str:
+        return f"<CertificateSigner {self._inner!r} schemes={[hex(s) for s in self._schemes]}>"
+
+
+def signer_for_certificate(signer: Signer, allowed: tuple[int, ...]) -> Signer:
+    """``signer`` restricted to the schemes in ``allowed`` (a certificate's, from
+    spki.certificate_schemes), in the signer's order of preference; the signer itself when
+    that changes nothing. An id-RSASSA-PSS certificate gets ``rsa_pss_pss_*`` where the
+    signer offers the ``rsa_pss_rsae_*`` of the same hash."""
+    mapping: dict[int, int] = {}
+    for scheme in signer.schemes:
+        if scheme in allowed:
+            mapping[scheme] = scheme
+            continue
+        for pss, rsae in spki.PSS_TO_RSAE.items():
+            if rsae == scheme and pss in allowed:
+                mapping[pss] = rsae
+    if all(k == v for k, v in mapping.items()) and tuple(mapping) == tuple(signer.schemes):
+        return signer
+    return CertificateSigner(signer, mapping)
 
 
 def _check_key_matches(

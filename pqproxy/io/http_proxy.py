@@ -33,6 +33,7 @@ from typing import Protocol
 
 import h11
 
+from ..logtext import printable
 from ..relay.http1 import (
     ClientTLSInfo,
     ForwardingOptions,
@@ -622,7 +623,7 @@ class HttpProxySession:
             self._peer,
             record.path,
             error.status,
-            error.reason,
+            printable(error.reason, spaces=True),
             extra={"pqproxy_fields": {"status": error.status, "reason": error.reason}},
         )
         if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -697,8 +698,8 @@ class HttpProxySession:
             record.bytes_out,
             _ms(first_byte),
             seconds * 1000.0,
-            fields["sni"] or "-",
-            fields["alpn"] or "-",
+            printable(str(fields["sni"] or "-")),
+            printable(str(fields["alpn"] or "-")),
             fields["tls_group"] or "-",
             fields["tls_cipher"] or "-",
             _ms(info.handshake_ms / 1000.0 if info is not None else None),

@@ -250,6 +250,8 @@ def http_settings(listener: ListenerConfig, upstream: UpstreamConfig) -> HttpSet
             via=headers.via,
             tls_info_prefix=headers.tls_info,
             identity_headers=IdentityHeaders(identity.subject, identity.uris, identity.dns),
+            underscore_headers=headers.underscore_headers,
+            forwarded_for=headers.forwarded_for,
         ),
         retries=upstream.retries,
     )
@@ -506,6 +508,7 @@ def build_runtime(
                 upstream_port=first.port,
                 handshake_timeout=listener.timeouts.handshake,
                 idle_timeout=listener.timeouts.idle,
+                send_timeout=listener.timeouts.send,
                 upstream_connect_timeout=upstream.timeouts.connect,
                 max_connections=listener.limits.max_connections,
                 mode=listener.mode.value,

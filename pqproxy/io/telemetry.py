@@ -17,7 +17,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..crypto.instrumented import Observer
-from ..metrics import OTHER_GROUP, READY_CHECKS, ProxyMetrics
+from ..metrics import (
+    CONNECTION_ERROR_SIDES,
+    INVALID_RESPONSE_REASONS,
+    OTHER_GROUP,
+    READY_CHECKS,
+    RETRY_OUTCOMES,
+    SEND_TIMEOUT_MODES,
+    UNDERSCORE_ACTIONS,
+    ProxyMetrics,
+)
 from ..tls.enums import HYBRID_GROUPS, AlertDescription, CipherSuite, NamedGroup, SignatureScheme
 
 _BOOL = {True: "true", False: "false"}
@@ -60,6 +69,14 @@ class Telemetry:
         # Bound on first use: in a worker, a gauge child exists (at 0) from its creation,
         # and a readiness check must not read as failed before the worker publishes it.
         self._ready: dict[str, Any] = {}
+        # Bound at start: each label has a handful of fixed values.
+        self._underscore = {a: m.http_underscore_headers.labels(a) for a in UNDERSCORE_ACTIONS}
+        self._retries = {o: m.http_upstream_retries.labels(o) for o in RETRY_OUTCOMES}
+        self._invalid = {
+            r: m.http_upstream_invalid_responses.labels(r) for r in INVALID_RESPONSE_REASONS
+        }
+        self._conn_errors = {s: m.http_connection_errors.labels(s) for s in CONNECTION_ERROR_SIDES}
+        self._send_timeouts = {mode: m.send_timeouts.labels(mode) for mode in SEND_TIMEOUT_MODES}
         self.connections_active = m.connections_active
         self.received_bytes = m.client_received_bytes
         self.sent_bytes = m.client_sent_bytes
@@ -191,6 +208,22 @@ class Telemetry:
                     upstream
                 )
             histogram.observe(first_byte)
+
+    def underscore_headers(self, action: str, count: int = 1) -> None:
+        """``action``: one of metrics.UNDERSCORE_ACTIONS (a KeyError otherwise)."""
+        self._underscore[action].inc(count)
+
+    def upstream_retry(self, outcome: str) -> None:
+        self._retries[outcome].inc()
+
+    def invalid_upstream_response(self, reason: str) -> None:
+        self._invalid[reason].inc()
+
+    def connection_error(self, side: str) -> None:
+        self._conn_errors[side].inc()
+
+    def send_timeout(self, mode: str) -> None:
+        self._send_timeouts[mode].inc()
 
     def upstream_healthy(self, upstream: str, healthy: bool) -> None:
         self.metrics.upstream_healthy.labels(upstream).set(1 if healthy else 0)

@@ -32,6 +32,7 @@ from typing import Any, cast
 
 from ..crypto.offload import Offloader
 from ..crypto.provider import CryptoProvider
+from ..logtext import printable
 from ..relay.http1 import (
     PSK_SIGNATURE,
     ClientTLSInfo,
@@ -76,6 +77,11 @@ class ListenerSettings:
     upstream_port: int
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    # Write progress toward the client: once its write buffer is above write_high_water, the
+    # client must take some of it within this many seconds, or both sides are aborted
+    # (nginx's send_timeout). Without it a client that stops reading holds the connection,
+    # the upstream connection and the upstream's work for as long as it likes.
+    send_timeout: float = 60.0
     upstream_connect_timeout: float = 5.0
     max_connections: int = 10000
     # Transports choose their own read size; this caps the bytes held for an upstream that is
@@ -101,6 +107,8 @@ class ListenerSettings:
     allowed_identities: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
+        if not self.send_timeout > 0:
+            raise ValueError(f"send_timeout must be more than 0, not {self.send_timeout}")
         if self.mode not in ("http", "tcp"):
             raise ValueError(f"mode must be http or tcp, not {self.mode!r}")
         if self.mode == "http" and (self.http is None or self.pool is None):
@@ -115,6 +123,8 @@ class CloseKind(StrEnum):
     PEER_EOF = "peer_eof"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     IDLE_TIMEOUT = "idle_timeout"
+    # The client took no bytes for send_timeout while its write buffer was full.
+    SEND_TIMEOUT = "send_timeout"
     UPSTREAM_FAILED = "upstream_failed"
     UPSTREAM_LOST = "upstream_lost"
     OVER_CAPACITY = "over_capacity"
@@ -343,6 +353,9 @@ class _ClientConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._linger_buffered = 0
+        # The write-progress deadline, armed while the client's write buffer is full.
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_mark = 0
         self._upstream: asyncio.Transport | None = None
         self._upstream_task: asyncio.Task[None] | None = None
         self._upstream_server: UpstreamServer | None = None
@@ -522,12 +535,58 @@ class _ClientConnection(asyncio.Protocol):
         self._client_writable.clear()
         if self._upstream is not None and not self._upstream.is_closing():
             self._upstream.pause_reading()
+        if self._send_timer is None and not self._closing:
+            self._send_mark = self._bytes_taken()
+            self._send_timer = self._loop.call_later(
+                self._settings.send_timeout, self._on_send_check
+            )
 
     def resume_writing(self) -> None:
         self._client_write_paused = False
         self._client_writable.set()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._upstream is not None and not self._upstream.is_closing():
             self._upstream.resume_reading()
+
+    def _bytes_taken(self) -> int:
+        """Bytes the kernel has taken from our write buffer toward the client, so far."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._bytes_to_client - buffered
+
+    def _on_send_check(self) -> None:
+        """The write-progress deadline: while the buffer stays full, the client must have
+        taken at least one byte since the last check; a client reading slowly but steadily
+        is left alone (as nginx's send_timeout, between two successive writes)."""
+        self._send_timer = None
+        if self._closing or not self._client_write_paused:
+            return
+        try:
+            taken = self._bytes_taken()
+            if taken > self._send_mark:
+                self._send_mark = taken
+                self._send_timer = self._loop.call_later(
+                    self._settings.send_timeout, self._on_send_check
+                )
+                return
+            timeout = self._settings.send_timeout
+            if self._telemetry is not None:
+                self._telemetry.send_timeout(self._settings.mode)
+            if self._http is not None:
+                self._http.abort(f"client took no bytes for {timeout:g}s")
+            # No close_notify: it would only join the bytes the client is not reading. Abort
+            # both sockets at once; the upstream learns that its request is gone.
+            self._finish(
+                CloseKind.SEND_TIMEOUT,
+                f"client took no bytes for {timeout:g}s",
+                level=logging.WARNING,
+                close_notify=False,
+            )
+            self.abort()
+        except Exception as exc:
+            self._internal_error("send timeout", exc)
 
     # -- Downstream, for the HTTP session ----------------------------------------------------
 
@@ -697,11 +756,11 @@ class _ClientConnection(asyncio.Protocol):
             "handshake ok peer=%s sni=%s group=%s cipher=%s sig=%s alpn=%s hrr=%s resumed=%s "
             "client=%s ms=%.1f",
             self._peer,
-            event.server_name or "-",
+            printable(event.server_name or "-"),
             enum_name(NamedGroup, event.group),
             enum_name(CipherSuite, event.cipher_suite),
             PSK_SIGNATURE if event.resumed else enum_name(SignatureScheme, event.signature_scheme),
-            event.alpn_protocol or "-",
+            printable(event.alpn_protocol or "-"),
             "yes" if event.hello_retry else "no",
             "yes" if event.resumed else "no",
             identity_label(event.peer_identity),
@@ -943,10 +1002,10 @@ class _ClientConnection(asyncio.Protocol):
             self._internal_error("idle timeout", exc)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._handshake_timer, self._idle_timer):
+        for timer in (self._handshake_timer, self._idle_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
-        self._handshake_timer = self._idle_timer = None
+        self._handshake_timer = self._idle_timer = self._send_timer = None
 
     # -- closing ---------------------------------------------------------------------------------
 
@@ -1040,7 +1099,9 @@ class _ClientConnection(asyncio.Protocol):
             self._peer,
             self._kind,
             alert,
-            self._reason,
+            # Reasons may quote what the client sent; the engine escapes what it quotes, this
+            # catches any other layer's (printable is idempotent).
+            printable(self._reason, spaces=True),
             self._bytes_from_client,
             self._bytes_to_client,
             (time.monotonic() - self._started) * 1000.0,

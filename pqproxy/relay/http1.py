@@ -38,13 +38,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from http import HTTPStatus
 
 import h11
 
 from ..crypto.provider import PeerIdentity
+from ..logtext import printable
 from ..tls.enums import CipherSuite, SignatureScheme, group_name
 from ..tls.events import HandshakeComplete
 
@@ -57,9 +59,12 @@ HeaderList = list[Header]
 # already parse. A status not listed falls back to its HTTPStatus name in snake case.
 ERROR_TYPES: dict[int, str] = {
     400: "bad_request",
+    405: "method_not_allowed",
     408: "request_timeout",
     413: "payload_too_large",
+    414: "uri_too_long",
     431: "request_header_fields_too_large",
+    501: "not_implemented",
     502: "bad_gateway",
     503: "service_unavailable",
     504: "gateway_timeout",
@@ -69,6 +74,7 @@ ERROR_TYPES: dict[int, str] = {
 # phrase on the wire should not change with the interpreter version.
 _REASON_OVERRIDES: dict[int, str] = {
     413: "Content Too Large",  # RFC 9110 §15.5.14
+    414: "URI Too Long",  # RFC 9110 §15.5.15
     422: "Unprocessable Content",  # RFC 9110 §15.5.21
 }
 
@@ -76,7 +82,9 @@ _DEFAULT_MESSAGES: dict[int, str] = {
     400: "The request is malformed.",
     408: "The request was not received in time.",
     413: "The request body is too large.",
+    414: "The request target is too long.",
     431: "The request header fields are too large.",
+    501: "The request uses a transfer coding the proxy does not implement.",
     502: "The upstream server could not be reached or sent an invalid response.",
     503: "The service is temporarily unavailable.",
     504: "The upstream server did not answer in time.",
@@ -84,9 +92,10 @@ _DEFAULT_MESSAGES: dict[int, str] = {
 }
 
 # After these the bytes that follow on the connection cannot be trusted to start a new
-# request: the head was malformed (400), cut short (408), or its body is left unread (413,
-# 431). Keeping the connection would let the remainder be parsed as a request (smuggling).
-CLOSING_STATUSES = frozenset({400, 408, 413, 431, 505})
+# request: the head was malformed (400), cut short (408), or its body is left unread (405,
+# 413, 414, 431, 501: a body whose framing we refused cannot be skipped). Keeping the
+# connection would let the remainder be parsed as a request (smuggling).
+CLOSING_STATUSES = frozenset({400, 405, 408, 413, 414, 431, 501, 505})
 
 
 class HttpError(Exception):
@@ -96,11 +105,20 @@ class HttpError(Exception):
     client reads in the JSON body, and is always text written here, never a library's string.
     """
 
-    def __init__(self, status: int, reason: str, *, message: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        *,
+        message: str | None = None,
+        headers: HeaderList | None = None,
+    ) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
         self.reason = reason
         self.message = message if message is not None else default_message(status)
+        # Fields the status requires beside the error body (Allow on a 405).
+        self.headers: HeaderList = list(headers or ())
 
     def response(
         self,
@@ -115,6 +133,7 @@ class HttpError(Exception):
             request_id=request_id,
             close=close,
             head_request=head_request,
+            headers=self.headers,
         )
 
 
@@ -150,8 +169,9 @@ def error_response(
     request_id: str | None = None,
     close: bool | None = None,
     head_request: bool = False,
+    headers: Iterable[Header] = (),
 ) -> tuple[h11.Response, bytes]:
-    """A response the proxy writes itself, and its JSON body.
+    """A response the proxy writes itself, and its JSON body; `headers` are added to it.
 
     `close=None` closes for `CLOSING_STATUSES`; the driver passes `close=True` for a 5xx when the
     client's request body was not read to its end. `head_request=True` returns an empty body
@@ -163,15 +183,16 @@ def error_response(
         error["request_id"] = request_id
     # ensure_ascii: the body is plain ASCII whatever the message holds.
     body = json.dumps({"error": error}, separators=(",", ":")).encode("ascii")
-    headers: HeaderList = [
+    fields: HeaderList = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode("ascii")),
+        *headers,
     ]
     if request_id is not None:
-        headers.append((b"x-request-id", _field_value(request_id)))
+        fields.append((b"x-request-id", _field_value(request_id)))
     if close if close is not None else status in CLOSING_STATUSES:
-        headers.append((b"connection", b"close"))
-    response = h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
+        fields.append((b"connection", b"close"))
+    response = h11.Response(status_code=status, headers=fields, reason=reason_phrase(status))
     return response, b"" if head_request else body
 
 
@@ -419,6 +440,51 @@ VIA_PSEUDONYM = b"pqproxy"
 PSK_SIGNATURE = "psk"
 
 
+# Headers pqproxy writes for the upstream besides the identity and TLS-info ones (whose names
+# come from the configuration): the one list of what the proxy owns, with `proxy_owned`.
+# Forwarded (RFC 7239) and X-Real-IP are not written by pqproxy and pass through as sent: an
+# upstream must not trust them behind pqproxy.
+FORWARDING_HEADER_NAMES = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via"}
+)
+
+
+class UnderscoreHeaders(StrEnum):
+    """What happens to a client header whose name contains ``_``.
+
+    CGI, WSGI and ASGI gateways map ``X_Client_Subject`` and ``X-Client-Subject`` to the same
+    ``HTTP_X_CLIENT_SUBJECT``, so such a name can forge a header the proxy owns, or smuggle a
+    second value beside the real one. nginx drops them (``underscores_in_headers off``), as
+    does Envoy (``headers_with_underscores_action``).
+    """
+
+    DROP = "drop"  # removed, counted and logged (the default)
+    REJECT = "reject"  # the request is answered 400 and never forwarded
+    ALLOW = "allow"  # forwarded, except a name that normalises to one the proxy owns
+
+
+class ForwardedFor(StrEnum):
+    """How X-Forwarded-For is written.
+
+    APPEND keeps the client's own entries and adds the peer address at the end: an upstream
+    must count trusted hops from the right, because every entry left of them is whatever the
+    client wrote. REPLACE sends the peer address alone, for upstreams that read the first
+    (leftmost) entry as the client.
+    """
+
+    APPEND = "append"
+    REPLACE = "replace"
+
+
+def normalize_field_name(name: bytes) -> bytes:
+    """A field name as every gateway compares it: case-folded, ``_`` read as ``-``.
+
+    The one place names are normalised: whatever two spellings map to here reaches a
+    CGI/WSGI/ASGI application as the same ``HTTP_*`` key.
+    """
+    return name.lower().replace(b"_", b"-")
+
+
 @dataclass(frozen=True)
 class IdentityHeaders:
     """Names of the request headers that carry the client certificate's identity upstream;
@@ -447,6 +513,30 @@ class ForwardingOptions:
     via: bool = True
     tls_info_prefix: str | None = DEFAULT_TLS_INFO_PREFIX
     identity_headers: IdentityHeaders = IdentityHeaders()
+    underscore_headers: UnderscoreHeaders = UnderscoreHeaders.DROP
+    forwarded_for: ForwardedFor = ForwardedFor.APPEND
+
+    def __post_init__(self) -> None:
+        # Accept the plain strings a config or a test passes, keep the enum members.
+        object.__setattr__(self, "underscore_headers", UnderscoreHeaders(self.underscore_headers))
+        object.__setattr__(self, "forwarded_for", ForwardedFor(self.forwarded_for))
+
+    @property
+    def tls_prefix(self) -> bytes:
+        """The lowercased TLS-info prefix; the default one when none is sent, so that a
+        client's ``X-PQ-TLS-*`` never reaches the upstream either way."""
+        return (self.tls_info_prefix or DEFAULT_TLS_INFO_PREFIX).lower().encode("ascii")
+
+
+def proxy_owned(normalized: bytes, options: ForwardingOptions) -> bool:
+    """Whether a normalised name (`normalize_field_name`) is one pqproxy writes itself: an
+    identity header, a TLS-info header, X-Forwarded-For/-Proto/-Host or Via, whether or not
+    the option that writes it is on."""
+    return (
+        normalized.startswith(options.tls_prefix)
+        or normalized in FORWARDING_HEADER_NAMES
+        or any(normalized == normalize_field_name(n) for n in options.identity_headers.lowered())
+    )
 
 
 @dataclass(frozen=True)
@@ -495,6 +585,7 @@ def upstream_request_headers(
     options: ForwardingOptions = ForwardingOptions(),  # noqa: B008 - frozen, so shared safely
     http_version: bytes = b"1.1",
     upstream_host: bytes | None = None,
+    on_dropped: Callable[[int], None] | None = None,
 ) -> HeaderList:
     """The headers of the request sent upstream, from the client's (already framing-checked).
 
@@ -503,10 +594,15 @@ def upstream_request_headers(
     replaces Host when set; otherwise the client's Host is kept. Headers the proxy sets are
     removed from the client's list first and appended at the end, so the client can neither
     forge them nor, by naming them in Connection, make the proxy drop its own.
+
+    A name with ``_`` goes as `options.underscore_headers` says (raises `HttpError` 400 under
+    reject); `on_dropped` is called once with how many such fields were dropped, when any.
     """
-    fields = [(name.lower(), value) for name, value in headers]
-    chunked = any(name == b"transfer-encoding" for name, _ in fields)
-    prefix = (options.tls_info_prefix or DEFAULT_TLS_INFO_PREFIX).lower().encode("ascii")
+    fields = _underscore_policy([(name.lower(), value) for name, value in headers], options)
+    if on_dropped is not None and fields.dropped:
+        on_dropped(fields.dropped)
+    chunked = any(name == b"transfer-encoding" for name, _ in fields.kept)
+    prefix = options.tls_prefix
 
     # The identity headers are the upstream's proof of who the client is: never the client's.
     replaced = set(options.identity_headers.lowered())
@@ -525,11 +621,12 @@ def upstream_request_headers(
     out: HeaderList = []
     forwarded_for: list[bytes] = []
     via: list[bytes] = []
-    for name, value in strip_hop_by_hop(fields):
+    for name, value in strip_hop_by_hop(fields.kept):
         if name.startswith(prefix) or name in replaced:
             continue
         if name == b"x-forwarded-for" and options.x_forwarded_for:
-            forwarded_for.append(value)
+            if options.forwarded_for is ForwardedFor.APPEND:
+                forwarded_for.append(value)
         elif name == b"via" and options.via:
             via.append(value)
         else:
@@ -546,8 +643,8 @@ def upstream_request_headers(
         out.append((b"transfer-encoding", b"chunked"))
 
     if options.x_forwarded_for:
-        # Appended, not replaced: the upstream trusts only the entries its own proxies added,
-        # counted from the right; the client's own entries are kept for the record.
+        # Appended (unless forwarded_for: replace): the upstream trusts only the entries its
+        # own proxies added, counted from the right; the client's own are kept for the record.
         out.append((b"x-forwarded-for", b", ".join([*forwarded_for, client_ip.encode("ascii")])))
     if options.x_forwarded_proto:
         out.append((b"x-forwarded-proto", b"https"))
@@ -560,6 +657,34 @@ def upstream_request_headers(
     if tls.identity is not None:
         out.extend(identity_header_fields(options.identity_headers, tls.identity))
     return out
+
+
+@dataclass(frozen=True)
+class _Filtered:
+    kept: HeaderList
+    dropped: int
+
+
+def _underscore_policy(fields: HeaderList, options: ForwardingOptions) -> _Filtered:
+    policy = options.underscore_headers
+    kept: HeaderList = []
+    dropped = 0
+    for name, value in fields:
+        if b"_" not in name:
+            kept.append((name, value))
+        elif policy is UnderscoreHeaders.REJECT:
+            raise HttpError(
+                400,
+                "header name with an underscore (underscore_headers: reject)",
+                message="Header names with underscores are not accepted.",
+            )
+        elif policy is UnderscoreHeaders.ALLOW and not proxy_owned(
+            normalize_field_name(name), options
+        ):
+            kept.append((name, value))
+        else:
+            dropped += 1
+    return _Filtered(kept, dropped)
 
 
 def identity_header_fields(names: IdentityHeaders, identity: PeerIdentity) -> HeaderList:
@@ -747,9 +872,5 @@ def request_summary(request: h11.Request) -> str:
     if scheme_end > 0 and not target.startswith(b"/"):
         path_start = target.find(b"/", scheme_end + 3)
         target = target[path_start:] if path_start >= 0 else b"/"
-    line = f"{_printable(request.method)} {_printable(target)}"
+    line = f"{printable(request.method)} {printable(target)}"
     return line[:_MAX_SUMMARY_CHARS]
-
-
-def _printable(data: bytes) -> str:
-    return "".join(chr(b) if 0x21 <= b <= 0x7E else f"\\x{b:02x}" for b in data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..crypto.provider import KxGroup, PeerIdentity, Signer
+from ..crypto.provider import ClientCertificateVerifier, KxGroup, PeerIdentity, Signer
 from .enums import AlertDescription
 
 
@@ -40,6 +40,22 @@ class SignatureNeeded(Event):
         return f"SignatureNeeded(scheme=0x{self.scheme:04x}, message={len(self.message)} bytes)"
 
 
+@dataclass(frozen=True, repr=False)
+class CertificateVerificationNeeded(Event):
+    """Validate the client's certificate ``chain`` (leaf first, DER) at time ``now`` with
+    ``verifier.verify_chain`` anywhere (inline, on a pool: path building can cost
+    milliseconds) and hand the identity to ``complete_certificate_verification``; pass the
+    exception (CertificateRejected names its alert) to ``fail_certificate_verification``."""
+
+    chain: tuple[bytes, ...]
+    now: float
+    verifier: ClientCertificateVerifier
+
+    def __repr__(self) -> str:
+        size = sum(len(c) for c in self.chain)
+        return f"CertificateVerificationNeeded({len(self.chain)} certificates, {size} bytes)"
+
+
 @dataclass(frozen=True)
 class HandshakeComplete(Event):
     """The client's Finished verified. Everything a log line or an upstream
@@ -68,7 +84,9 @@ class ApplicationData(Event):
 
 @dataclass(frozen=True)
 class KeyUpdated(Event):
-    """The client rotated its sending key (and ``we_updated``: we rotated ours in answer)."""
+    """The client rotated its sending key. ``we_updated``: it asked us to rotate ours, and we
+    do, with one KeyUpdate before our next application data (RFC 8446 §4.6.3; any number of
+    requests before it share that one answer)."""
 
     update_requested: bool
     we_updated: bool

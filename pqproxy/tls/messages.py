@@ -8,9 +8,11 @@ integers and ignored by the selection logic (RFC 8701).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..logtext import printable
 from .alerts import DecodeError, IllegalParameter
 from .codec import (
     Buffer,
@@ -51,7 +53,10 @@ class ClientHello:
     random: bytes
     legacy_session_id: bytes
     cipher_suites: tuple[int, ...]
-    extension_types: tuple[int, ...]
+    # Every extension as received, (type, body) in wire order: RFC 8446 §4.1.2 compares
+    # the second ClientHello with the first byte for byte, not field by field.
+    extensions: tuple[tuple[int, bytes], ...]
+    legacy_version: int = 0x0303
     server_name: str | None = None
     supported_versions: tuple[int, ...] | None = None
     supported_groups: tuple[int, ...] | None = None
@@ -64,6 +69,10 @@ class ClientHello:
     record_size_limit: int | None = None
     pre_shared_key: OfferedPsks | None = None
     early_data: bool = False
+
+    @property
+    def extension_types(self) -> tuple[int, ...]:
+        return tuple(ext_type for ext_type, _ in self.extensions)
 
     def __repr__(self) -> str:
         return (
@@ -87,11 +96,36 @@ def _pull_server_name(data: bytes) -> str | None:
             raise IllegalParameter("duplicate server_name type")
         seen.add(name_type)
         if name_type == 0:
-            try:
-                host = name.decode("ascii").lower()
-            except UnicodeDecodeError:
-                raise DecodeError("server_name is not ASCII") from None
+            if not is_dns_host_name(name):
+                # The name goes into a log line: escaped, and cut short.
+                shown = printable(name[:64]) + ("..." if len(name) > 64 else "")
+                raise IllegalParameter(f"server_name {shown} is not a DNS host name")
+            host = name.decode("ascii").lower()
     return host
+
+
+# RFC 6066 §3: HostName is "the fully qualified DNS hostname of the server", in ASCII,
+# without a trailing dot, and never a literal IPv4 or IPv6 address. Labels are LDH (RFC 1123
+# §2.1: letters, digits, hyphens, no hyphen at either end, 1..63 octets) and a name is at
+# most 253 octets (255 on the wire, RFC 1035 §2.3.4). Underscores are accepted as rustls
+# (pki-types DnsName) and Go accept them: real names (_acme-challenge, SRV-style service
+# names, some intranet hosts) carry them. An all-numeric last label is refused as rustls
+# does: no top-level domain is all digits (RFC 3696 §2), and this is what catches every
+# IPv4 literal, including the short forms inet_aton reads ("127.1"); IPv6 literals fail on
+# ':' and brackets.
+_MAX_HOST_NAME = 253
+_LABEL = re.compile(rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_ALL_DIGITS = re.compile(rb"[0-9]+")
+
+
+def is_dns_host_name(name: bytes) -> bool:
+    """Whether ``name`` is a HostName RFC 6066 §3 allows in server_name."""
+    if not 0 < len(name) <= _MAX_HOST_NAME:
+        return False
+    labels = name.split(b".")
+    if _ALL_DIGITS.fullmatch(labels[-1]):
+        return False
+    return all(_LABEL.fullmatch(label) for label in labels)
 
 
 def _pull_key_shares(data: bytes) -> tuple[tuple[int, bytes], ...]:
@@ -128,7 +162,9 @@ def _inner_vector(data: bytes, length_size: int, what: str, minimum: int = 0) ->
 def pull_client_hello(body: bytes) -> ClientHello:
     """Parse a ClientHello body (without the 4-byte handshake header)."""
     buf = Buffer(body)
-    buf.pull_uint16()  # legacy_version: RFC 8446 §4.2.1 says supported_versions decides.
+    # legacy_version: RFC 8446 §4.2.1 says supported_versions decides; the server still
+    # refuses SSL 3.0 and below (Appendix D.5).
+    legacy_version = buf.pull_uint16()
     random = buf.pull_bytes(32)
     session_id = buf.pull_vector(1, maximum=32)
     suites = pull_uint16_list(buf.pull_vector(2, minimum=2), "cipher_suites")
@@ -137,19 +173,19 @@ def pull_client_hello(body: bytes) -> ClientHello:
     if compression != b"\x00":
         raise IllegalParameter("legacy_compression_methods is not [null]")
     fields: dict[str, object] = {}
-    types: list[int] = []
+    extensions: list[tuple[int, bytes]] = []
     seen: set[int] = set()
     if not buf.eof():
         ext_block = buf.pull_vector(2)
         buf.expect_end("ClientHello")
-        for ext_type, ext_data in split_extensions(ext_block):
+        extensions = split_extensions(ext_block)
+        for ext_type, ext_data in extensions:
             # RFC 8446 §4.2: no extension type may appear twice.
             if ext_type in seen:
                 raise IllegalParameter(f"duplicate extension {ext_type}")
             # RFC 8446 §4.2.11: pre_shared_key MUST be the last extension.
-            if types and types[-1] == _PRE_SHARED_KEY:
+            if _PRE_SHARED_KEY in seen:
                 raise IllegalParameter("pre_shared_key is not the last extension")
-            types.append(ext_type)
             seen.add(ext_type)
             parser = _EXTENSION_PARSERS.get(ext_type)
             if parser is not None:
@@ -158,7 +194,8 @@ def pull_client_hello(body: bytes) -> ClientHello:
         random=random,
         legacy_session_id=session_id,
         cipher_suites=suites,
-        extension_types=tuple(types),
+        extensions=tuple(extensions),
+        legacy_version=legacy_version,
         **fields,  # type: ignore[arg-type]
     )
 
@@ -229,6 +266,63 @@ _EXTENSION_PARSERS: dict[int, tuple[str, Callable[[bytes], object]]] = {
 }
 _EXTENSION_PARSERS = {int(k): v for k, v in _EXTENSION_PARSERS.items()}
 _PRE_SHARED_KEY = int(ExtensionType.PRE_SHARED_KEY)
+_KEY_SHARE = int(ExtensionType.KEY_SHARE)
+_PADDING = int(ExtensionType.PADDING)
+_EARLY_DATA = int(ExtensionType.EARLY_DATA)
+
+
+def retry_hello_change(first: ClientHello, second: ClientHello) -> str | None:
+    """What ``second`` (the ClientHello after our HelloRetryRequest) changed of ``first``
+    beyond what RFC 8446 §4.1.2 allows, or None.
+
+    The client must send "the same ClientHello without modification", except: key_share
+    holds the one share the HRR asked for (checked by the caller), early_data is removed,
+    a cookie is added if the HRR carried one (ours never does, so a cookie is an added
+    extension), pre_shared_key has new ages and binders and may drop PSKs, and padding
+    may come, go or change length. Everything else is compared as received, bytes and
+    extension order, so that nothing the server chose from the first ClientHello (name,
+    ALPN, certificate, suite, group) can be swapped under it.
+    """
+    for field_name in ("legacy_version", "random", "legacy_session_id", "cipher_suites"):
+        if getattr(first, field_name) != getattr(second, field_name):
+            return f"{field_name} changed"
+    if second.early_data:
+        return "early_data after HelloRetryRequest"  # §4.2.10
+    before = [ext for ext in first.extensions if ext[0] not in (_PADDING, _EARLY_DATA)]
+    after = [ext for ext in second.extensions if ext[0] != _PADDING]
+    # pre_shared_key is the last extension of both (§4.2.11, checked by the parser).
+    offered_before = first.pre_shared_key
+    if before and before[-1][0] == _PRE_SHARED_KEY:
+        before.pop()
+    if after and after[-1][0] == _PRE_SHARED_KEY:
+        after.pop()
+        offered_after = second.pre_shared_key
+        assert offered_after is not None
+        if offered_before is None:
+            return "pre_shared_key added"
+        if not _is_subsequence(
+            [identity for identity, _ in offered_after.identities],
+            [identity for identity, _ in offered_before.identities],
+        ):
+            return "pre_shared_key identities changed"
+    if [ext_type for ext_type, _ in before] != [ext_type for ext_type, _ in after]:
+        return "extensions added, removed or reordered"
+    for (ext_type, data_before), (_, data_after) in zip(before, after, strict=True):
+        if ext_type != _KEY_SHARE and data_before != data_after:
+            return f"extension {_extension_name(ext_type)} changed"
+    return None
+
+
+def _extension_name(ext_type: int) -> str:
+    try:
+        return ExtensionType(ext_type).name.lower()
+    except ValueError:
+        return str(ext_type)
+
+
+def _is_subsequence(items: list[bytes], of: list[bytes]) -> bool:
+    remaining = iter(of)
+    return all(any(item == candidate for candidate in remaining) for item in items)
 
 
 # --- encoders -----------------------------------------------------------------

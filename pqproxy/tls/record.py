@@ -9,7 +9,8 @@ Rules enforced here, each with the alert RFC 8446 names for it:
 - A zero-length handshake or alert fragment is ``unexpected_message``: §5.1 forbids
   sending them without naming an alert, and a record that may not be sent is an
   unexpected record (Go's crypto/tls answers the same way).
-- A record that fails AEAD authentication is ``bad_record_mac`` (§5.2).
+- A record that fails AEAD authentication is ``bad_record_mac`` (§5.2), and leaves the
+  sequence number where it was: the server's caller may skip it as rejected 0-RTT (§4.2.10).
 - A decrypted TLSInnerPlaintext over 2^14 + 1 bytes is ``record_overflow`` (§5.2).
 - A TLSInnerPlaintext of only zeros has no content type: ``unexpected_message`` (§5.4).
 """
@@ -95,13 +96,12 @@ class RecordProtection:
     def __repr__(self) -> str:
         return f"<RecordProtection suite=0x{self.params.suite:04x} seq={self.seq}>"
 
-    def _next_nonce(self) -> bytes:
+    def _nonce(self) -> bytes:
         # RFC 8446 §5.3: the 64-bit sequence number, left-padded to iv_length,
         # XORed with the static IV.
         seq = self.seq
         if seq >= MAX_SEQUENCE:
             raise alerts.InternalError("record sequence number exhausted")
-        self.seq = seq + 1
         return (self._iv ^ seq).to_bytes(self.params.iv_len, "big")
 
     def seal(self, content_type: int, data: bytes | memoryview, padding: int = 0) -> bytes:
@@ -113,7 +113,9 @@ class RecordProtection:
             raise ValueError("record content plus padding exceeds 2^14 + 1 bytes")
         inner = b"".join((data, bytes((content_type,)), bytes(padding)))
         header = encode_header(_APPLICATION_DATA, len(inner) + self.params.tag_len)
-        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+        record = header + self._aead.encrypt(self._nonce(), inner, header)
+        self.seq += 1
+        return record
 
     def open(self, header: bytes, ciphertext: bytes | memoryview) -> tuple[int, bytes]:
         """(inner content type, content) of a received protected record; ``header``
@@ -122,11 +124,14 @@ class RecordProtection:
             raise alerts.UnexpectedMessage("unprotected record where a protected one is due")
         if len(ciphertext) > MAX_CIPHERTEXT:
             raise alerts.RecordOverflow("protected record longer than 2^14 + 256")
-        nonce = self._next_nonce()
         try:
-            inner = self._aead.decrypt(nonce, ciphertext, header)
+            inner = self._aead.decrypt(self._nonce(), ciphertext, header)
         except InvalidTag:
             raise alerts.BadRecordMac() from None
+        # Only a record that opened counts (RFC 8446 §5.3: one sequence number per record
+        # read). A rejected 0-RTT record skipped by trial decryption (§4.2.10) was never
+        # read under this key, so it must not move the nonce of the next record.
+        self.seq += 1
         if len(inner) > MAX_INNER_PLAINTEXT:
             raise alerts.RecordOverflow("decrypted record longer than 2^14 + 1")
         if inner and inner[-1]:

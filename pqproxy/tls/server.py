@@ -3,7 +3,8 @@
 Bytes go in through ``receive_data``, events come out of ``next_event`` and
 bytes to write out of ``data_to_send``. The engine owns no socket, clock or
 global randomness. Expensive crypto is an event (KeyExchangeNeeded,
-SignatureNeeded) that the caller resolves wherever it likes and hands back.
+SignatureNeeded, CertificateVerificationNeeded) that the caller resolves wherever
+it likes and hands back.
 
 The flight follows RFC 8446 §2:
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from .enums import (
 )
 from .events import (
     ApplicationData,
+    CertificateVerificationNeeded,
     ConnectionTerminated,
     Event,
     HandshakeComplete,
@@ -85,6 +88,7 @@ from .messages import (
     pull_certificate,
     pull_certificate_verify,
     pull_client_hello,
+    retry_hello_change,
 )
 from .record import (
     MAX_PLAINTEXT,
@@ -97,11 +101,17 @@ from .session import SessionState, decode_session_state, encode_session_state
 
 # --- limits, each with its reason ---------------------------------------------
 
-# A ClientHello with several PQ key shares is a few KiB; 64 KiB leaves room for
-# large PSK identities or padding without letting a client make us buffer more.
-MAX_CLIENT_HELLO = 1 << 16
-# Client Finished and KeyUpdate are tiny; client certificates (a later issue)
-# with ML-DSA chains stay well below this.
+# Appendix D.5: a ClientHello.legacy_version at or below SSL 3.0 aborts the handshake.
+SSL3_VERSION = 0x0300
+
+# A ClientHello with several PQ key shares is a few KiB, but a legal one can be far
+# larger: its extensions block alone may hold 2^16 - 1 bytes (a maximal
+# signature_algorithms list makes a 65,6xx-byte ClientHello), plus up to 2^16 - 2 bytes
+# of cipher suites. 2^17 admits every ClientHello a real client sends and bounds what a
+# client can make us buffer before it has proved anything.
+MAX_CLIENT_HELLO = 1 << 17
+# Every other message the client sends: Finished and KeyUpdate are tiny; client
+# certificates with ML-DSA chains stay well below this.
 MAX_HANDSHAKE_MESSAGE = 1 << 16
 # A real client completes its handshake in a handful of records; this bounds the
 # work a peer can cause with CCS or fragment spam before it has authenticated.
@@ -125,6 +135,12 @@ MAX_TICKET_LIFETIME = 7 * 24 * 3600
 # NewSessionTicket messages per full handshake; a few let a client open parallel
 # connections without reusing one ticket.
 MAX_TICKETS_PER_HANDSHAKE = 8
+# RFC 8446 §4.6.1: a resumed session keeps the client certificate's identity, so how long
+# ago that certificate was last proved (its CertificateVerify) is bounded: a day by default
+# (what a client re-proves on its first connection of the day), never more than a ticket's
+# own seven-day limit.
+DEFAULT_MAX_AUTH_AGE = 24 * 3600
+MAX_AUTH_AGE = MAX_TICKET_LIFETIME
 
 DEFAULT_GROUPS: tuple[int, ...] = (
     NamedGroup.X25519MLKEM768,
@@ -180,6 +196,9 @@ class ServerConfig:
     tickets: TicketProtector | None = None
     tickets_per_handshake: int = 2
     ticket_lifetime: int = 7200
+    # Seconds since the client's last CertificateVerify after which its identity is no
+    # longer resumed (a full handshake proves the certificate again). §4.6.1.
+    max_auth_age: int = DEFAULT_MAX_AUTH_AGE
     _certificate_messages: dict[int, bytes] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -199,6 +218,8 @@ class ServerConfig:
             raise ValueError(f"tickets_per_handshake must be 0..{MAX_TICKETS_PER_HANDSHAKE}")
         if not 0 < self.ticket_lifetime <= MAX_TICKET_LIFETIME:
             raise ValueError(f"ticket_lifetime must be 1..{MAX_TICKET_LIFETIME} seconds")
+        if not 0 < self.max_auth_age <= MAX_AUTH_AGE:
+            raise ValueError(f"max_auth_age must be 1..{MAX_AUTH_AGE} seconds (7 days)")
         # The Certificate message never changes per handshake: encode it once.
         for index, certified in enumerate(self.certificates):
             self._certificate_messages[index] = encode_certificate(certified.chain)
@@ -224,6 +245,7 @@ class _State(Enum):
     EXPECT_SECOND_CLIENT_HELLO = auto()
     WAIT_SIGNATURE = auto()
     EXPECT_CLIENT_CERTIFICATE = auto()
+    WAIT_CERTIFICATE_VERIFICATION = auto()
     EXPECT_CLIENT_CERTIFICATE_VERIFY = auto()
     EXPECT_FINISHED = auto()
     CONNECTED = auto()
@@ -260,6 +282,7 @@ class ServerConnection:
         self._skip_early_data = False
         self._skipped_early_bytes = 0
         self._sent_ccs = False
+        self._received_ccs = False
         self._peer_closed = False
         self._sent_close = False
         self._max_fragment = MAX_PLAINTEXT
@@ -283,6 +306,12 @@ class ServerConnection:
         self._peer_identity: PeerIdentity | None = None
         self._client_certificate: tuple[bytes, ...] = ()
         self._request_client_certificate = False
+        # When the client's CertificateVerify verified (this handshake's, or the one the
+        # resumed session goes back to); None without a client certificate.
+        self._auth_time: float | None = None
+        # RFC 8446 §4.6.3: the client asked for a KeyUpdate; one is sent before our next
+        # application data, however many requests arrive meanwhile.
+        self._key_update_owed = False
 
     def __repr__(self) -> str:
         return f"<ServerConnection state={self._state.name}>"
@@ -393,6 +422,31 @@ class ServerConnection:
         if self._state is not _State.CLOSED:
             self._fail(alerts.InternalError(f"signing failed: {_describe(error)}"))
 
+    def complete_certificate_verification(self, identity: PeerIdentity) -> None:
+        """The client's chain verified (``CertificateVerificationNeeded``): who it is."""
+        if self._state is not _State.WAIT_CERTIFICATE_VERIFICATION:
+            if self._state is _State.CLOSED:
+                return
+            raise RuntimeError("no certificate verification is pending")
+        self._peer_identity = identity
+        self._state = _State.EXPECT_CLIENT_CERTIFICATE_VERIFY
+        try:
+            # The CertificateVerify (and Finished) may have come in the Certificate's record.
+            self._receive_handshake_bytes(b"")
+            self._process_records()
+        except alerts.TLSAlert as alert:
+            self._fail(alert)
+
+    def fail_certificate_verification(self, error: BaseException) -> None:
+        """The chain did not verify: CertificateRejected carries its alert (RFC 8446 §6.2);
+        anything else is our failure, internal_error."""
+        if self._state is _State.CLOSED:
+            return
+        if isinstance(error, CertificateRejected):
+            self._fail(alerts.alert_named(error.alert, error.reason))
+        else:
+            self._fail(alerts.InternalError(f"certificate verification failed: {_describe(error)}"))
+
     def send_data(self, data: bytes) -> None:
         if self._state is not _State.CONNECTED or self._sent_close:
             raise RuntimeError("cannot send application data now")
@@ -418,7 +472,7 @@ class ServerConnection:
 
     def _process_records(self) -> None:
         while self._state is not _State.CLOSED:
-            if self._state in (_State.WAIT_KEY_EXCHANGE, _State.WAIT_SIGNATURE):
+            if self._state in _WAITING_FOR_CRYPTO:
                 # Leave input buffered until the crypto result is back.
                 if self._reader.pending > MAX_BUFFERED_WHILE_WAITING:
                     raise alerts.UnexpectedMessage("peer sent too much data during handshake")
@@ -473,6 +527,16 @@ class ServerConnection:
             raise alerts.UnexpectedMessage("malformed change_cipher_spec")
         if self._state in (_State.EXPECT_CLIENT_HELLO, _State.CONNECTED):
             raise alerts.UnexpectedMessage("change_cipher_spec outside the handshake")
+        if self._hs_buffer:
+            # §5.1: a handshake message's fragments are not interleaved with any other
+            # record type.
+            raise alerts.UnexpectedMessage("change_cipher_spec inside a handshake message")
+        if self._received_ccs:
+            # Middlebox compatibility mode (Appendix D.4) has the client send one CCS,
+            # after its first ClientHello or before its second flight; a second one is no
+            # client's doing. OpenSSL and BoringSSL refuse it the same way.
+            raise alerts.UnexpectedMessage("second change_cipher_spec")
+        self._received_ccs = True
 
     def _dispatch(self, content_type: int, payload: bytes) -> None:
         if content_type == ContentType.HANDSHAKE:
@@ -524,15 +588,21 @@ class ServerConnection:
     def _receive_handshake_bytes(self, payload: bytes) -> None:
         buffer = self._hs_buffer
         buffer += payload
-        while len(buffer) >= 4 and self._state is not _State.CLOSED:
+        # While the client's chain is being verified, the rest of its flight waits here
+        # (it may share the Certificate's record: no key change comes between them).
+        while len(buffer) >= 4 and self._state not in _HOLD_HANDSHAKE_MESSAGES:
             length = int.from_bytes(buffer[1:4], "big")
             limit = (
                 MAX_CLIENT_HELLO
-                if self._state in (_State.EXPECT_CLIENT_HELLO, _State.EXPECT_SECOND_CLIENT_HELLO)
+                if buffer[0] == HandshakeType.CLIENT_HELLO
+                and self._state in (_State.EXPECT_CLIENT_HELLO, _State.EXPECT_SECOND_CLIENT_HELLO)
                 else MAX_HANDSHAKE_MESSAGE
             )
             if length > limit:
-                raise alerts.IllegalParameter(f"handshake message of {length} bytes")
+                # RFC 8446 §6.2: a length out of range is a decode_error. Refused from the
+                # header, before the body is buffered.
+                name = _handshake_name(buffer[0])
+                raise alerts.DecodeError(f"{name} of {length} bytes, over the {limit} cap")
             if len(buffer) < 4 + length:
                 return
             message = bytes(buffer[: 4 + length])
@@ -568,6 +638,18 @@ class ServerConnection:
     def _receive_client_hello(self, message: bytes) -> None:
         hello = pull_client_hello(message[4:])
         first = self._client_hello is None
+        # Appendix D.5: a legacy_version of 0x0300 (SSL 3.0) or below is refused whatever
+        # supported_versions says; above it, legacy_version is ignored (§4.2.1). picotls
+        # draws the line at the same place.
+        if hello.legacy_version <= SSL3_VERSION:
+            raise alerts.ProtocolVersion(f"ClientHello.legacy_version 0x{hello.legacy_version:04x}")
+        if not first:
+            # §4.1.2: the second ClientHello is the first one again, but for the changes
+            # an HRR allows; compared before anything in it is used.
+            assert self._client_hello is not None
+            change = retry_hello_change(self._client_hello, hello)
+            if change is not None:
+                raise alerts.IllegalParameter(f"second ClientHello: {change}")
         # RFC 8446 §4.2.1: without supported_versions the client is TLS 1.2 or older.
         if hello.supported_versions is None or TLS13_VERSION not in hello.supported_versions:
             raise alerts.ProtocolVersion("client does not offer TLS 1.3")
@@ -632,6 +714,8 @@ class ServerConnection:
                 continue
             if state.server_name != hello.server_name:
                 continue
+            if not self._identity_resumable(state, now):
+                continue  # a full handshake proves the certificate again (§4.6.1)
             binder_transcript.update(message[: len(message) - offered.binders_length])
             schedule = KeySchedule(params, psk=state.psk)
             binder_key = derive_secret(
@@ -645,7 +729,23 @@ class ServerConnection:
             self._selected_psk = index
             self._schedule = schedule
             self._peer_identity = state.identity
+            self._auth_time = state.auth_time
             return
+
+    def _identity_resumable(self, state: SessionState, now: float) -> bool:
+        """Whether the session's client identity may be resumed now. RFC 8446 §4.6.1: the
+        lifetime of a resumed authentication takes into account the peer certificate's
+        lifetime and the time since its CertificateVerify. A session outside those limits
+        is not an error: the client gets a full handshake (and proves its certificate)."""
+        client_auth = self._config.client_auth
+        if state.identity is None:
+            # A listener that now requires certificates has no use for a session without.
+            return client_auth is not ClientAuth.REQUIRE
+        if client_auth is ClientAuth.NONE:
+            return False  # nothing here vouches for identities any more (Go does the same)
+        if state.auth_time is None or state.not_after is None:
+            return False
+        return now <= state.not_after and now - state.auth_time <= self._config.max_auth_age
 
     def _choose_cipher_suite(self, hello: ClientHello) -> SuiteParams:
         offered = set(hello.cipher_suites)
@@ -715,17 +815,10 @@ class ServerConnection:
         self._state = _State.EXPECT_SECOND_CLIENT_HELLO
 
     def _check_second_client_hello(self, hello: ClientHello) -> tuple[int, bytes]:
-        first = self._client_hello
-        assert first is not None and self._params is not None and self._hrr_group is not None
+        assert self._params is not None and self._hrr_group is not None
         assert hello.key_shares is not None
-        # RFC 8446 §4.1.2: the second ClientHello repeats the first, but for the
-        # key share the server asked for.
-        if hello.legacy_session_id != first.legacy_session_id:
-            raise alerts.IllegalParameter("legacy_session_id changed after HRR")
-        if hello.cipher_suites != first.cipher_suites:
-            raise alerts.IllegalParameter("cipher_suites changed after HRR")
-        if hello.early_data:
-            raise alerts.IllegalParameter("early_data after HRR")  # §4.2.10
+        # RFC 8446 §4.1.2: the rest was compared with the first ClientHello
+        # (retry_hello_change); the key share is the one the server asked for.
         if len(hello.key_shares) != 1 or hello.key_shares[0][0] != self._hrr_group:
             raise alerts.IllegalParameter("second ClientHello lacks the requested key share")
         self._skip_early_data = False
@@ -856,12 +949,12 @@ class ServerConnection:
             return
         verifier, clock = self._config.client_verifier, self._clock
         assert verifier is not None and clock is not None
-        try:
-            self._peer_identity = verifier.verify_chain(chain, clock())
-        except CertificateRejected as rejected:
-            raise alerts.alert_named(rejected.alert, rejected.reason) from None
+        # Path building can cost milliseconds (more for a crafted chain): it is crypto the
+        # caller runs wherever it likes, like a signature, and hands back to
+        # complete_certificate_verification.
         self._client_certificate = chain
-        self._state = _State.EXPECT_CLIENT_CERTIFICATE_VERIFY
+        self._state = _State.WAIT_CERTIFICATE_VERIFICATION
+        self._events.append(CertificateVerificationNeeded(chain, clock(), verifier))
 
     def _receive_client_certificate_verify(self, message: bytes) -> None:
         scheme, signature = pull_certificate_verify(message[4:])
@@ -875,6 +968,8 @@ class ServerConnection:
             verifier.verify_signature(self._client_certificate[0], scheme, content, signature)
         except CertificateRejected as rejected:
             raise alerts.alert_named(rejected.alert, rejected.reason) from None
+        assert self._clock is not None
+        self._auth_time = self._clock()
         self._transcript.update(message)
         self._state = _State.EXPECT_FINISHED
 
@@ -918,8 +1013,23 @@ class ServerConnection:
         if tickets is None or clock is None or count == 0:
             return
         assert params is not None and schedule is not None and hello is not None
-        resumption = schedule.resumption_master_secret(self._transcript.digest())
         now = clock()
+        lifetime = config.ticket_lifetime
+        identity, auth_time = self._peer_identity, self._auth_time
+        not_after: float | None = None
+        if identity is not None:
+            # A resumed session's tickets keep the authentication it goes back to (§4.6.1),
+            # and live no longer than it may be resumed: the certificate's end, or
+            # max_auth_age after its CertificateVerify.
+            assert auth_time is not None
+            not_after = self._resumed.not_after if self._resumed is not None else identity.not_after
+            if not_after is None:
+                return  # a verifier that cannot say when the certificate ends: no tickets
+            usable = min(not_after, auth_time + config.max_auth_age) - now
+            lifetime = min(lifetime, math.floor(usable))
+            if lifetime <= 0:
+                return
+        resumption = schedule.resumption_master_secret(self._transcript.digest())
         for index in range(count):
             # §4.6.1: each ticket's PSK is derived with its own nonce.
             nonce = bytes((index,))
@@ -930,16 +1040,18 @@ class ServerConnection:
                 cipher_suite=params.suite,
                 psk=psk,
                 created=now,
-                lifetime=config.ticket_lifetime,
+                lifetime=lifetime,
                 server_name=hello.server_name,
                 alpn=self._alpn,
-                identity=self._peer_identity,
+                identity=identity,
+                auth_time=auth_time,
+                not_after=not_after,
             )
             ticket = tickets.seal(encode_session_state(state), now)
             age_add = int.from_bytes(self._random_bytes(4), "big")
             self._seal(
                 ContentType.HANDSHAKE,
-                encode_new_session_ticket(config.ticket_lifetime, age_add, nonce, ticket),
+                encode_new_session_ticket(lifetime, age_add, nonce, ticket),
             )
 
     def _log_secret(self, label: str, secret: bytes) -> None:
@@ -961,10 +1073,14 @@ class ServerConnection:
         self._read_secret = next_traffic_secret(params, self._read_secret)
         self._read = RecordProtection(params, self._read_secret)
         requested = body[0] == 1
-        answered = requested and not self._sent_close
-        if answered:
-            self._send_key_update(False)
-        self._events.append(KeyUpdated(update_requested=requested, we_updated=answered))
+        # §4.6.3: the answer is one KeyUpdate(update_not_requested) "before sending its next
+        # Application Data record". It is owed, not sent now: a client that sends requests
+        # and never reads must not make us queue one record per request, and any number of
+        # requests before our next data are answered by that one update.
+        owed = requested and not self._sent_close
+        if owed:
+            self._key_update_owed = True
+        self._events.append(KeyUpdated(update_requested=requested, we_updated=owed))
 
     def _send_key_update(self, request_peer_update: bool) -> None:
         params, write = self._params, self._write
@@ -972,11 +1088,15 @@ class ServerConnection:
         self._out += write.seal(ContentType.HANDSHAKE, encode_key_update(request_peer_update))
         self._write_secret = next_traffic_secret(params, self._write_secret)
         self._write = RecordProtection(params, self._write_secret)
+        # Any KeyUpdate of ours after the client's request answers it.
+        self._key_update_owed = False
 
     def _seal(self, content_type: int, data: bytes) -> None:
         write = self._write
         assert write is not None
-        if write.seq >= KEY_UPDATE_AFTER_RECORDS:
+        if write.seq >= KEY_UPDATE_AFTER_RECORDS or (
+            self._key_update_owed and content_type == ContentType.APPLICATION_DATA
+        ):
             self._send_key_update(False)
             write = self._write
             assert write is not None
@@ -999,6 +1119,12 @@ class ServerConnection:
         self._state = _State.CLOSED
         self._events.append(ConnectionTerminated(alert.description, sent=True, reason=alert.reason))
 
+
+# Crypto the engine asked for and is waiting for: received records stay unread meanwhile.
+_WAITING_FOR_CRYPTO = frozenset(
+    {_State.WAIT_KEY_EXCHANGE, _State.WAIT_SIGNATURE, _State.WAIT_CERTIFICATE_VERIFICATION}
+)
+_HOLD_HANDSHAKE_MESSAGES = frozenset({_State.CLOSED, _State.WAIT_CERTIFICATE_VERIFICATION})
 
 _AWAITING_CLIENT_FLIGHT = frozenset(
     {
@@ -1027,7 +1153,8 @@ def _describe(error: BaseException) -> str:
 
 
 def resolve_inline(connection: ServerConnection) -> list[Event]:
-    """Drain events, resolving key exchanges and signatures on the spot; return the rest.
+    """Drain events, resolving key exchanges, signatures and client chain verifications on
+    the spot; return the rest.
 
     For callers that do not care where crypto runs (tests, simple tools)."""
     others: list[Event] = []
@@ -1049,6 +1176,13 @@ def resolve_inline(connection: ServerConnection) -> list[Event]:
                 connection.fail_signature(error)
             else:
                 connection.complete_signature(signature)
+        elif isinstance(event, CertificateVerificationNeeded):
+            try:
+                identity = event.verifier.verify_chain(event.chain, event.now)
+            except (CertificateRejected, BackendError, ValueError) as error:
+                connection.fail_certificate_verification(error)
+            else:
+                connection.complete_certificate_verification(identity)
         else:
             others.append(event)
 

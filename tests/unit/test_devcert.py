@@ -27,6 +27,8 @@ EXPECTED_SCHEMES = {
     "ecdsa-p384": (0x0503,),
     "ed25519": (0x0807,),
     "rsa2048": (0x0804, 0x0805, 0x0806),
+    # An id-RSASSA-PSS key restricted to SHA-256 (RFC 8446 §4.2.3: rsa_pss_pss_* only).
+    "rsa-pss": (0x0809,),
     "mldsa44": (0x0904,),
     "mldsa65": (0x0905,),
     "mldsa87": (0x0906,),
@@ -46,6 +48,14 @@ def test_chain_verifies(dev_certs_factory: DevCertFactory, key_type: str) -> Non
     paths = dev_certs_factory(key_type)
     (ca,) = _load(paths.ca)
     (leaf,) = _load(paths.cert)  # the leaf only: the CA is the trust anchor
+    if key_type == "rsa-pss":
+        # The CA/Browser Forum profile forbids id-RSASSA-PSS keys too; the issuer's
+        # signature (RSASSA-PSS over the rebuilt TBSCertificate) is what is checked here.
+        assert leaf.public_key_algorithm_oid.dotted_string == "1.2.840.113549.1.1.10"
+        assert ca.public_key_algorithm_oid.dotted_string == "1.2.840.113549.1.1.10"
+        leaf.verify_directly_issued_by(ca)
+        ca.verify_directly_issued_by(ca)
+        return
     if key_type == "ed25519":
         # cryptography's verifier follows the CA/Browser Forum profile, which
         # forbids Ed25519 keys ("Forbidden public key algorithm"); check the

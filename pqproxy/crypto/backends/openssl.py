@@ -12,6 +12,8 @@ and the exception type only, never input or key material.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from ...tls.enums import NamedGroup, SignatureScheme, group_name
+from .. import mldsa_keys
 from ..hybrid import compose_groups
 from ..provider import (
     BackendError,
@@ -330,6 +333,15 @@ _RSA_PSS: Final[dict[int, tuple[padding.PSS, hashes.HashAlgorithm]]] = {
     SignatureScheme.rsa_pss_rsae_sha384: _pss(hashes.SHA384()),
     SignatureScheme.rsa_pss_rsae_sha512: _pss(hashes.SHA512()),
 }
+# rsa_pss_pss_* is the same computation for a key whose certificate says id-RSASSA-PSS
+# (RFC 8446 §4.2.3). cryptography loads such a key as a plain RSA key, so a signer cannot
+# tell which family it may offer: it offers rsae, signs both, and the certificate decides
+# (pqproxy.crypto.spki; a process-mode worker is asked for the pss code point directly).
+_RSA_PSS_PSS: Final[dict[int, tuple[padding.PSS, hashes.HashAlgorithm]]] = {
+    SignatureScheme.rsa_pss_pss_sha256: _RSA_PSS[SignatureScheme.rsa_pss_rsae_sha256],
+    SignatureScheme.rsa_pss_pss_sha384: _RSA_PSS[SignatureScheme.rsa_pss_rsae_sha384],
+    SignatureScheme.rsa_pss_pss_sha512: _RSA_PSS[SignatureScheme.rsa_pss_rsae_sha512],
+}
 
 MIN_RSA_BITS: Final = 2048
 
@@ -360,10 +372,13 @@ class OpenSSLSigner:
         key_type: str,
         calls: Mapping[int, Callable[[bytes], bytes]],
         public_key: PublicKeyTypes,
+        also_signs: Mapping[int, Callable[[bytes], bytes]] | None = None,
     ) -> None:
         self._key_type = key_type
         self._calls = dict(calls)
         self._schemes = tuple(self._calls)
+        # Schemes sign() accepts without offering them (see _RSA_PSS_PSS).
+        self._calls.update(also_signs or {})
         self._public_key_der = public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -424,6 +439,8 @@ def signer_from_private_key(key: PrivateKeyTypes) -> OpenSSLSigner:
             scheme: functools.partial(key.sign, padding=pss, algorithm=algorithm)
             for scheme, (pss, algorithm) in _RSA_PSS.items()
         }
+        aliases = {pss: calls[rsae] for pss, rsae in zip(_RSA_PSS_PSS, _RSA_PSS, strict=True)}
+        return OpenSSLSigner(key_type, calls, key.public_key(), also_signs=aliases)
     # draft-ietf-tls-mldsa: pure ML-DSA with the empty context string, which is
     # what sign() does without a context argument.
     elif isinstance(key, mldsa.MLDSA44PrivateKey):
@@ -439,10 +456,60 @@ def signer_from_private_key(key: PrivateKeyTypes) -> OpenSSLSigner:
     return OpenSSLSigner(key_type, calls, key.public_key())
 
 
+_MLDSA_FROM_SEED: Final[dict[str, Callable[[bytes], PrivateKeyTypes]]] = {
+    "ML-DSA-44": mldsa.MLDSA44PrivateKey.from_seed_bytes,
+    "ML-DSA-65": mldsa.MLDSA65PrivateKey.from_seed_bytes,
+    "ML-DSA-87": mldsa.MLDSA87PrivateKey.from_seed_bytes,
+}
+
+
+def _pem_body(pem: bytes, label: bytes) -> bytes | None:
+    """The DER inside the first ``-----BEGIN <label>-----`` block, or None."""
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    start = pem.find(begin)
+    stop = pem.find(end, start + len(begin))
+    if start < 0 or stop < 0:
+        return None
+    try:
+        return base64.b64decode(b"".join(pem[start + len(begin) : stop].split()), validate=True)
+    except binascii.Error:
+        return None
+
+
+def _load_mldsa_pkcs8(key_pem: bytes, password: bytes | None) -> PrivateKeyTypes | None:
+    """An ML-DSA key in a form cryptography does not read (RFC 9881 §6 ``both``, as OpenSSL
+    3.5+ writes by default): loaded from its seed once the expanded key is checked against
+    it. None: not such a key, the library reads it as it is. MlDsaKeyError (a ValueError)
+    for the ``expandedKey`` form and for a ``both`` whose halves disagree."""
+    body = _pem_body(key_pem, b"PRIVATE KEY")
+    if body is None:
+        return None
+    parsed = mldsa_keys.parse_pkcs8(body)
+    if parsed is None or parsed.form == "seed":
+        return None
+    name = parsed.parameters.name
+    if parsed.form == "expandedKey" or parsed.seed is None or parsed.expanded_key is None:
+        raise mldsa_keys.MlDsaKeyError(
+            f"{name} private key holds only the expanded key (the expandedKey form of RFC "
+            "9881 §6, OpenSSL's priv-only): pqproxy signs from the 32-byte seed, which this "
+            "form does not carry and cannot be recovered from it; use the key file with its "
+            f"seed, or {mldsa_keys.CONVERT_HINT} from a copy that has it"
+        )
+    if password is not None:
+        raise ValueError(
+            "cannot load private key: a password was given but the key is not encrypted"
+        )
+    mldsa_keys.check_expanded_key(parsed.parameters, parsed.seed, parsed.expanded_key)
+    return _MLDSA_FROM_SEED[name](parsed.seed)
+
+
 def load_signer(key_pem: bytes, password: bytes | None = None) -> OpenSSLSigner:
     """Load a PEM private key (PKCS#8 or the traditional formats). Every
     failure is a ValueError saying what is wrong."""
     try:
+        mldsa_key = _load_mldsa_pkcs8(key_pem, password)
+        if mldsa_key is not None:
+            return signer_from_private_key(mldsa_key)
         key = serialization.load_pem_private_key(key_pem, password)
     except TypeError as exc:
         # cryptography's signal for a password given to a clear key, or none
@@ -473,7 +540,8 @@ def verify_signature(
         _require_scheme(scheme, entry[1], entry[0])
         public_key.verify(signature, message, entry[2])
     elif isinstance(public_key, rsa.RSAPublicKey):
-        pss_entry = _RSA_PSS.get(scheme)
+        # Which family fits is the certificate's to say (pqproxy.crypto.spki).
+        pss_entry = _RSA_PSS.get(scheme) or _RSA_PSS_PSS.get(scheme)
         if pss_entry is None:
             raise ValueError(f"scheme {scheme:#06x} does not fit an RSA key")
         public_key.verify(signature, message, pss_entry[0], pss_entry[1])
