@@ -21,6 +21,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_int_or_auto(value: str) -> int | str:
+    """A count of at least 1, or "auto" (for --workers: the CPUs the process may use)."""
+    if value == "auto":
+        return value
+    return positive_int(value)
+
+
 def non_negative_int(value: str) -> int:
     number = int(_number(value, int))
     if number < 0:

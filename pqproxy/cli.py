@@ -1,6 +1,6 @@
 """The ``pqproxy`` command.
 
-    pqproxy serve --config FILE [--listen HOST:PORT] [--upstream URL]... [--workers N] ...
+    pqproxy serve --config FILE [--listen HOST:PORT] [--upstream URL]... [--workers N|auto] ...
     pqproxy serve --listen HOST:PORT --cert PEM --key PEM --upstream http://HOST:PORT [...]
     pqproxy gen-cert --out DIR [--key-type T] [--san NAME]... [--days N]
     pqproxy demo-upstream --listen HOST:PORT [--tokens N] [--token-interval S]
@@ -24,6 +24,7 @@ from . import __version__, backends_cli
 from .argtypes import non_negative_float as _non_negative_float
 from .argtypes import non_negative_int as _non_negative_int
 from .argtypes import positive_int as _positive_int
+from .argtypes import positive_int_or_auto
 from .bench.cli import register as register_bench
 from .bench.cli import run as run_bench
 from .crypto.provider import BackendError, CryptoProvider
@@ -107,7 +108,13 @@ def _add_serve(sub: Any) -> None:
         metavar="http://HOST:PORT",
         help="an upstream server (repeatable: a pool)",
     )
-    serve.add_argument("--workers", type=_positive_int, metavar="N", help="worker processes")
+    serve.add_argument(
+        "--workers",
+        type=positive_int_or_auto,
+        metavar="N|auto",
+        help="worker processes; auto: the CPUs this process may use (affinity and cgroup "
+        "quota). Default: the file's workers (auto when it has none); 1 without --config",
+    )
     serve.add_argument(
         "--admin",
         metavar="HOST:PORT",

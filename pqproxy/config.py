@@ -32,13 +32,23 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import cpus
 from .crypto.backends import BACKEND_MODULES
+from .crypto.client_auth import DEFAULT_MAX_CHAIN_DEPTH, MAX_CHAIN_LENGTH
 from .crypto.offload import OffloadMode
-from .relay.http1 import FORWARDING_HEADER_NAMES, HOP_BY_HOP, ForwardedFor, UnderscoreHeaders
+from .relay.http1 import (
+    DEFAULT_MAX_HEADER_COUNT,
+    FORWARDING_HEADER_NAMES,
+    HOP_BY_HOP,
+    ForwardedFor,
+    UnderscoreHeaders,
+)
 from .tls.enums import HYBRID_GROUPS, CipherSuite, NamedGroup
 from .tls.server import (
     DEFAULT_CIPHER_SUITES,
     DEFAULT_GROUPS,
+    DEFAULT_MAX_AUTH_AGE,
+    MAX_AUTH_AGE,
     MAX_TICKET_LIFETIME,
     MAX_TICKETS_PER_HANDSHAKE,
     ClientAuth,
@@ -120,9 +130,7 @@ DEFAULT_IDENTITY_HEADERS = ("X-Client-Subject", "X-Client-URI", "X-Client-DNS")
 # The lists are the relay's own (pqproxy/relay/http1.py), so the two never drift apart.
 _RESERVED_HEADER_NAMES = frozenset(
     name.decode("ascii")
-    for name in (
-        HOP_BY_HOP | FORWARDING_HEADER_NAMES | {b"host", b"content-length", b"expect"}
-    )
+    for name in (HOP_BY_HOP | FORWARDING_HEADER_NAMES | {b"host", b"content-length", b"expect"})
 )
 
 
@@ -149,6 +157,13 @@ class ClientAuthConfig:
     # gets 403. None: every client the handshake admitted.
     allow: tuple[str, ...] | None = None
     identity_headers: IdentityHeadersConfig = field(default_factory=IdentityHeadersConfig)
+    # A resumed session keeps the client's identity this long after its last
+    # CertificateVerify (and never past its certificate's end); then a full handshake proves
+    # the certificate again (RFC 8446 §4.6.1). Whole seconds, at most 7 days.
+    max_auth_age: int = DEFAULT_MAX_AUTH_AGE
+    # Certificates a client may send (leaf, intermediates, a root): a longer chain is
+    # refused before any path search.
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
 
 
 # RotatingTicketKeys keeps ceil(lifetime / rotation) old keys so that a ticket opens for its
@@ -200,11 +215,27 @@ class ListenerTimeouts:
     send: float = 60.0
 
 
+# listen(2) backlog: nginx's default on Linux is 511, the kernel's somaxconn default 4096
+# (Linux 5.4+); bursts of model clients (a batch job, a fleet restart) need the larger one.
+DEFAULT_BACKLOG = 4096
+# The kernel keeps the backlog in 32 bits, and somaxconn caps it far below this anyway.
+MAX_BACKLOG = 1 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerLimits:
     max_header_bytes: int = 32 * 1024
     max_body_bytes: int = 100 * 1024 * 1024
     max_connections: int = 10_000
+    # The kernel's accept queue of each listening socket (listen(2) backlog): connections
+    # that completed their TCP handshake and wait for the worker to accept them. A burst
+    # beyond it is dropped at SYN (TcpExt ListenOverflows). The kernel caps it at
+    # net.core.somaxconn; pqproxy says so at start-up.
+    backlog: int = DEFAULT_BACKLOG
+    # Fields in one request head (or a chunked body's trailers): more is 431.
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    # Request body bytes read before the request goes upstream (0: none, stream at once).
+    request_buffering: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +361,10 @@ class CryptoConfig:
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: tuple[UpstreamConfig, ...]  # in file order; look up by name with upstream()
+    # Worker processes. "workers: auto" (the default in a file) is resolved when the file is
+    # read, to the CPUs this process may use (pqproxy.cpus); workers_auto remembers it.
     workers: int = 1
+    workers_auto: bool = False
     admin: ServerAddress | None = DEFAULT_ADMIN
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     drain_timeout: float = 30.0
@@ -446,12 +480,38 @@ def parse_size(value: object) -> int:
     return size
 
 
+def _size_or_zero(value: object) -> int:
+    """A size (`parse_size`), or 0 for "off"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+        return 0
+    return parse_size(value)
+
+
 def _int(value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a whole number, got {_type_name(value)}")
     if value < minimum:
         raise ValueError(f"{value} is too small (minimum {minimum})")
     return value
+
+
+AUTO = "auto"
+# The workers of a config file that does not say.
+_FILE_WORKERS: int | str = AUTO
+
+
+def _workers(value: object) -> int | str:
+    """A worker count, or "auto" (the CPUs this process may use)."""
+    if value == AUTO:
+        return AUTO
+    return _int(value, 1)
+
+
+def _backlog(value: object) -> int:
+    backlog = _int(value, 1)
+    if backlog > MAX_BACKLOG:
+        raise ValueError(f"{backlog} is too large (maximum {MAX_BACKLOG})")
+    return backlog
 
 
 def _bool(value: object) -> bool:
@@ -592,10 +652,20 @@ def _join(path: str, key: str | int) -> str:
 class _Parser:
     """Walks the raw YAML structure, collecting every problem as (path, message)."""
 
-    def __init__(self, base_dir: Path, check_files: bool) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        check_files: bool,
+        available_cpus: Callable[[], int] = cpus.available_cpus,
+    ) -> None:
         self.base_dir = base_dir
         self.check_files = check_files
+        self.available_cpus = available_cpus
         self.problems: list[tuple[str, str]] = []
+
+    def resolve_workers(self, value: int | str) -> int:
+        """A worker count as given, or "auto" as the CPUs this process may use."""
+        return self.available_cpus() if value == AUTO else int(value)
 
     def add(self, path: str, message: str) -> None:
         self.problems.append((path, message))
@@ -705,7 +775,8 @@ class _Parser:
         )
         if not top and not isinstance(data, dict):
             return None
-        workers = self.get(top, "", "workers", lambda v: _int(v, 1), 1)
+        workers_value = self.get(top, "", "workers", _workers, _FILE_WORKERS)
+        workers = self.resolve_workers(workers_value)
         default_admin: ServerAddress | None = DEFAULT_ADMIN
         admin = self.get(top, "", "admin", _optional_address, default_admin)
         logging = self.logging(top.get("logging"))
@@ -736,6 +807,7 @@ class _Parser:
             listeners=tuple(listener for _, listener in listeners),
             upstreams=upstreams,
             workers=workers,
+            workers_auto=workers_value == AUTO,
             admin=admin,
             logging=logging,
             drain_timeout=drain,
@@ -989,7 +1061,11 @@ class _Parser:
         )
 
     def client_auth(self, path: str, value: object, listener_mode: Mode) -> ClientAuthConfig:
-        raw = self.section(path, value, ["mode", "ca", "allow", "identity_headers"])
+        raw = self.section(
+            path,
+            value,
+            ["mode", "ca", "allow", "identity_headers", "max_auth_age", "max_chain_depth"],
+        )
         parsed = self.get(raw, path, "mode", _client_auth_mode, None)
         mode = parsed if parsed is not None else ClientAuth.NONE
         # A mode that did not parse is reported once; what goes with it is not judged by it.
@@ -1024,7 +1100,21 @@ class _Parser:
         headers = self.identity_headers(
             _join(path, "identity_headers"), raw.get("identity_headers")
         )
-        return ClientAuthConfig(mode=mode, ca=ca, allow=allow, identity_headers=headers)
+        max_auth_age = self.get(raw, path, "max_auth_age", _max_auth_age, DEFAULT_MAX_AUTH_AGE)
+        max_chain_depth = self.get(
+            raw, path, "max_chain_depth", _max_chain_depth, DEFAULT_MAX_CHAIN_DEPTH
+        )
+        for key in ("max_auth_age", "max_chain_depth"):
+            if key in raw and judged and mode is ClientAuth.NONE:
+                self.add(_join(path, key), "applies with mode optional or require only")
+        return ClientAuthConfig(
+            mode=mode,
+            ca=ca,
+            allow=allow,
+            identity_headers=headers,
+            max_auth_age=max_auth_age,
+            max_chain_depth=max_chain_depth,
+        )
 
     def identity_headers(self, path: str, value: object) -> IdentityHeadersConfig:
         raw = self.section(path, value, ["subject", "uris", "dns"])
@@ -1123,16 +1213,41 @@ class _Parser:
         )
 
     def limits(self, path: str, value: object) -> ListenerLimits:
-        raw = self.section(path, value, ["max_header_bytes", "max_body_bytes", "max_connections"])
+        raw = self.section(
+            path,
+            value,
+            [
+                "max_header_bytes",
+                "max_body_bytes",
+                "max_connections",
+                "backlog",
+                "max_header_count",
+                "request_buffering",
+            ],
+        )
         d = ListenerLimits()
+        max_body_bytes = self.get(raw, path, "max_body_bytes", parse_size, d.max_body_bytes)
+        request_buffering = self.get(
+            raw, path, "request_buffering", _size_or_zero, d.request_buffering
+        )
+        if request_buffering > max_body_bytes:
+            self.add(
+                _join(path, "request_buffering"),
+                f"{request_buffering} bytes is larger than max_body_bytes ({max_body_bytes})",
+            )
         return ListenerLimits(
             max_header_bytes=self.get(
                 raw, path, "max_header_bytes", parse_size, d.max_header_bytes
             ),
-            max_body_bytes=self.get(raw, path, "max_body_bytes", parse_size, d.max_body_bytes),
+            max_body_bytes=max_body_bytes,
             max_connections=self.get(
                 raw, path, "max_connections", lambda v: _int(v, 1), d.max_connections
             ),
+            backlog=self.get(raw, path, "backlog", _backlog, d.backlog),
+            max_header_count=self.get(
+                raw, path, "max_header_count", lambda v: _int(v, 1), d.max_header_count
+            ),
+            request_buffering=request_buffering,
         )
 
     def headers(self, path: str, value: object) -> HeaderConfig:
@@ -1395,6 +1510,23 @@ def _identity_header(value: object) -> str | None:
     return value
 
 
+def _max_auth_age(value: object) -> int:
+    seconds = parse_duration(value)
+    if not seconds.is_integer():
+        raise ValueError(f"{value!r}: must be a whole number of seconds")
+    if seconds > MAX_AUTH_AGE:
+        # A ticket lives at most 7 days (RFC 8446 §4.6.1): so does a resumed identity.
+        raise ValueError(f"{value!r}: at most 7 days (RFC 8446 §4.6.1)")
+    return int(seconds)
+
+
+def _max_chain_depth(value: object) -> int:
+    depth = _int(value, 1)
+    if depth > MAX_CHAIN_LENGTH:
+        raise ValueError(f"{depth} is too large (maximum {MAX_CHAIN_LENGTH})")
+    return depth
+
+
 def _tickets_per_handshake(value: object) -> int:
     count = _int(value, 0)
     if count > MAX_TICKETS_PER_HANDSHAKE:
@@ -1495,14 +1627,20 @@ def load_yaml(text: str, source: str) -> object:
 
 
 def parse_config(
-    data: object, base_dir: Path, source: str = "<config>", *, check_files: bool = True
+    data: object,
+    base_dir: Path,
+    source: str = "<config>",
+    *,
+    check_files: bool = True,
+    available_cpus: Callable[[], int] = cpus.available_cpus,
 ) -> Config:
     """Validate the raw structure of a config file.
 
     Relative certificate paths are resolved against ``base_dir``; with ``check_files`` the
-    files must exist (they are not read).
+    files must exist (they are not read). ``workers: auto`` (also the default) becomes
+    ``available_cpus()``.
     """
-    parser = _Parser(base_dir, check_files)
+    parser = _Parser(base_dir, check_files, available_cpus)
     config = parser.config(data, source)
     if config is None:
         raise ConfigError([f"{path}: {message}" for path, message in parser.problems], source)
@@ -1597,6 +1735,8 @@ def config_from_flags(
     }
     data: dict[str, Any] = {
         "admin": None,
+        # One process unless --workers says otherwise: "auto" is the default of a file only.
+        "workers": 1,
         "listeners": [listener],
         "upstreams": {"default": {"servers": _as_list(upstreams), "health_check": None}},
     }
@@ -1644,7 +1784,7 @@ def apply_overrides(
     upstreams: Sequence[str] | None = None,
     cert: Path | None = None,
     key: Path | None = None,
-    workers: int | None = None,
+    workers: int | str | None = None,
     admin: str | None = None,
     check_files: bool = True,
 ) -> Config:
@@ -1680,9 +1820,10 @@ def apply_overrides(
                 replace(pool, servers=servers) if pool.name == first.upstream else pool
                 for pool in pools
             )
-    new_workers = config.workers
+    new_workers, workers_auto = config.workers, config.workers_auto
     if workers is not None:
-        new_workers = parser.get({"--workers": workers}, "", "--workers", lambda v: _int(v, 1), 1)
+        value = parser.get({"--workers": workers}, "", "--workers", _workers, _FILE_WORKERS)
+        new_workers, workers_auto = parser.resolve_workers(value), value == AUTO
     new_admin = config.admin
     if admin is not None:
         new_admin = parser.get(
@@ -1699,7 +1840,12 @@ def apply_overrides(
             "<command line>",
         )
     return replace(
-        config, listeners=listeners, upstreams=pools, workers=new_workers, admin=new_admin
+        config,
+        listeners=listeners,
+        upstreams=pools,
+        workers=new_workers,
+        workers_auto=workers_auto,
+        admin=new_admin,
     )
 
 
@@ -1725,7 +1871,8 @@ def describe(config: Config) -> str:
     lines = [
         f"{_plural(len(config.listeners), 'listener')}, "
         f"{_plural(len(config.upstreams), 'upstream pool')}, "
-        f"{_plural(config.workers, 'worker')}, {admin}, "
+        f"{_plural(config.workers, 'worker')}{' (auto)' if config.workers_auto else ''}, "
+        f"{admin}, "
         f"drain {format_duration(config.drain_timeout)}"
     ]
     for listener in config.listeners:

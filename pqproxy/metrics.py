@@ -105,6 +105,21 @@ FAILURE_REASONS: tuple[str, ...] = (
     "internal_error",  # a bug or a backend failure in pqproxy
     "other",
 )
+# pqproxy_tls_client_certificates_total{result}: how a client's certificate chain fared. The
+# refusals name the rule: three cheap checks before the path builder (chain_too_long,
+# duplicate_certificate, self_issued_intermediate), else the alert sent for the chain.
+CLIENT_CERTIFICATE_RESULTS: tuple[str, ...] = (
+    "ok",
+    "chain_too_long",
+    "duplicate_certificate",
+    "self_issued_intermediate",
+    "bad_certificate",
+    "unknown_ca",
+    "certificate_expired",
+    "unsupported_certificate",
+    "error",  # the verification itself failed (a timeout, a bug): internal_error
+    "other",
+)
 # pqproxy_tls_client_groups_offered_total{group}: a NamedGroup member name, or this for GREASE
 # and code points pqproxy does not know.
 OTHER_GROUP = "other"
@@ -184,6 +199,20 @@ class ProxyMetrics:
             + ", ".join(FAILURE_REASONS)
             + ".",
             ("reason",),
+            registry=r,
+        )
+        self.tls_client_certificates = Counter(
+            "pqproxy_tls_client_certificates",
+            "Client certificate chains verified (mutual TLS), by result: ok, or why the chain "
+            "was refused (" + ", ".join(CLIENT_CERTIFICATE_RESULTS[1:]) + ").",
+            ("result",),
+            registry=r,
+        )
+        self.tls_client_chain_verify = Histogram(
+            "pqproxy_tls_client_chain_verify_seconds",
+            "Client chain verification phase of a handshake: from the engine asking to the "
+            "verdict handed back (queueing included, wherever it ran).",
+            buckets=CRYPTO_BUCKETS,
             registry=r,
         )
         self.tls_client_groups_offered = Counter(
@@ -301,6 +330,38 @@ class ProxyMetrics:
             "Connections aborted, client and upstream side, because the client took no bytes "
             "for timeouts.send, by listener mode (http, tcp).",
             ("mode",),
+            registry=r,
+        )
+        # --- listen queues (see pqproxy.io.listen_queue) --------------------------------------
+        self.listen_overflows = Counter(
+            "pqproxy_listen_overflows",
+            "Connection attempts the kernel dropped because a listening socket's accept queue "
+            "was full (TcpExt ListenOverflows of /proc/net/netstat), since pqproxy started. "
+            "Host-wide: the kernel counts every listening socket in this network namespace, "
+            "pqproxy's and any other program's.",
+            registry=r,
+        )
+        self.listen_drops = Counter(
+            "pqproxy_listen_drops",
+            "Connection attempts the kernel dropped at a listening socket for any reason, "
+            "overflows included (TcpExt ListenDrops of /proc/net/netstat), since pqproxy "
+            "started. Host-wide for this network namespace, as pqproxy_listen_overflows.",
+            registry=r,
+        )
+        self.listen_queue_length = Gauge(
+            "pqproxy_listen_queue_length",
+            "Connections waiting in a listener's accept queue at the last sample (the "
+            "fullest socket of any worker: each worker has its own queue).",
+            ("listener",),
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.listen_backlog = Gauge(
+            "pqproxy_listen_backlog",
+            "The accept queue's limit per listening socket as the kernel applies it "
+            "(limits.backlog, capped by net.core.somaxconn).",
+            ("listener",),
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.upstream_healthy = Gauge(

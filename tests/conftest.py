@@ -70,9 +70,7 @@ def no_logged_tracebacks() -> Iterator[None]:
         for logger in loggers:
             logger.removeHandler(guard)
     if guard.found:
-        pytest.fail(
-            "the log holds a traceback:\n" + "\n".join(guard.found[:10]), pytrace=False
-        )
+        pytest.fail("the log holds a traceback:\n" + "\n".join(guard.found[:10]), pytrace=False)
 
 
 class DevCertFactory(Protocol):

@@ -19,6 +19,23 @@ Which alert (RFC 8446 §6.2):
   unsupported_certificate for a certificate "of an unsupported type", and a certificate of
   a supported type issued for another purpose is a bad one for this purpose.
 
+Before the library sees a chain, three cheap refusals bound what a client can make its path
+builder do (a crafted 1-4 KB chain of self-issued "CAs" sharing one name and key costs it
+10-15 ms, 25-70x a normal verification, as every ordering of them checks out):
+
+- more than ``max_chain_depth`` certificates (default 5: the leaf, three intermediates and
+  the root a client may include)                                         → bad_certificate
+  (our limit on a list the client sent, not an unknown issuer; Go and rustls answer
+  bad_certificate for their own limits)
+- two certificates with the same subject and the same key               → bad_certificate
+  (no path holds both; a chain that does is malformed. A client sending both forms of a
+  cross-signed CA must send one.)
+- a self-issued certificate (subject = issuer) after the leaf that is not a trust anchor
+  (same subject and key as one)                                          → unknown_ca
+  (OpenSSL's X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN answers unknown_ca: such a certificate
+  can only end a path, and it is not one we trust. Key-rollover certificates, self-issued
+  with another key, are refused with it: client PKIs do not send them.)
+
 The library says only *that* a chain failed, in a message that is no interface, so the
 alert is chosen afterwards by ``_classify``. Those checks run only on a chain the library
 (or the fallback) has already rejected: they pick the alert, never the verdict.
@@ -48,7 +65,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import (
     ExtendedKeyUsageOID,
@@ -84,10 +101,19 @@ DEFAULT_SIGNATURE_SCHEMES: Final[tuple[int, ...]] = (
 # The library's own default (RFC 5280 counting: intermediates below the anchor, the leaf
 # not counted); the fallback uses the same number so both paths accept the same depths.
 MAX_INTERMEDIATES: Final = 8
-# What a client may send: the leaf, MAX_INTERMEDIATES intermediates, and the root some
-# clients include although RFC 8446 §4.4.2 lets them omit it. A longer list only makes the
-# path search (and, on failure, the alert search) do more work for an attacker.
+# What a client may send at most, whatever max_chain_depth says: the leaf,
+# MAX_INTERMEDIATES intermediates, and the root some clients include although RFC 8446
+# §4.4.2 lets them omit it. A longer list only makes the path search (and, on failure, the
+# alert search) do more work for an attacker.
 MAX_CHAIN_LENGTH: Final = MAX_INTERMEDIATES + 2
+# The default limit on certificates in a client's chain: the leaf, three intermediates and
+# a root. Real client PKIs use one or two intermediates.
+DEFAULT_MAX_CHAIN_DEPTH: Final = 5
+
+# CertificateRejected.check of the cheap refusals (metrics labels).
+CHECK_CHAIN_TOO_LONG: Final = "chain_too_long"
+CHECK_DUPLICATE: Final = "duplicate_certificate"
+CHECK_SELF_ISSUED: Final = "self_issued_intermediate"
 
 # Library reasons and certificate names are attacker-influenced text bound for a log line.
 _MAX_REASON: Final = 300
@@ -348,7 +374,19 @@ def _identity(leaf: x509.Certificate, path: Sequence[x509.Certificate]) -> PeerI
         dns_names=dns_names,
         uris=uris,
         chain=tuple(c.public_bytes(_DER) for c in path),
+        # The path validates until its first certificate expires (as a rule the leaf).
+        not_after=min(c.not_valid_after_utc for c in path).timestamp(),
     )
+
+
+def _name_and_key(cert: x509.Certificate) -> tuple[bytes, bytes] | None:
+    """(subject DER, SubjectPublicKeyInfo DER), or None for a key that does not load (such a
+    certificate can sign nothing, so it cannot feed a path search either)."""
+    try:
+        spki = cert.public_key().public_bytes(_DER, PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    return cert.subject.public_bytes(), spki
 
 
 def _load_bundle(ca_bundle_pem: bytes) -> list[x509.Certificate]:
@@ -381,14 +419,26 @@ class X509ClientVerifier:
     instance serves every connection (and nothing about one client outlives its call).
     """
 
-    __slots__ = ("_anchors", "_by_subject", "_builder", "_schemes", "_scheme_set")
+    __slots__ = (
+        "_anchors",
+        "_anchor_names_and_keys",
+        "_by_subject",
+        "_builder",
+        "_max_chain_depth",
+        "_schemes",
+        "_scheme_set",
+    )
 
     def __init__(
         self,
         ca_bundle_pem: bytes,
         *,
         signature_schemes: tuple[int, ...] = DEFAULT_SIGNATURE_SCHEMES,
+        max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH,
     ) -> None:
+        if isinstance(max_chain_depth, bool) or not 1 <= max_chain_depth <= MAX_CHAIN_LENGTH:
+            raise ValueError(f"max_chain_depth must be 1..{MAX_CHAIN_LENGTH}")
+        self._max_chain_depth = max_chain_depth
         if not signature_schemes:
             raise ValueError("signature_schemes is empty")
         unknown = [s for s in signature_schemes if s not in VERIFIABLE_SCHEMES]
@@ -405,6 +455,10 @@ class X509ClientVerifier:
         self._by_subject: dict[x509.Name, list[x509.Certificate]] = {}
         for anchor in self._anchors:
             self._by_subject.setdefault(anchor.subject, []).append(anchor)
+        # What makes a presented certificate "the anchor": its subject and key.
+        self._anchor_names_and_keys = frozenset(
+            pair for pair in map(_name_and_key, self._anchors) if pair is not None
+        )
         self._schemes = tuple(signature_schemes)
         self._scheme_set = frozenset(signature_schemes)
         # Everything but the validation time, which each call sets.
@@ -421,6 +475,10 @@ class X509ClientVerifier:
     def signature_schemes(self) -> tuple[int, ...]:
         return self._schemes
 
+    @property
+    def max_chain_depth(self) -> int:
+        return self._max_chain_depth
+
     def __repr__(self) -> str:
         return f"<X509ClientVerifier anchors={len(self._anchors)} schemes={len(self._schemes)}>"
 
@@ -429,14 +487,17 @@ class X509ClientVerifier:
     def verify_chain(self, chain: tuple[bytes, ...], now: float) -> PeerIdentity:
         if not chain:
             raise CertificateRejected("bad_certificate", "empty certificate chain")
-        if len(chain) > MAX_CHAIN_LENGTH:
+        if len(chain) > self._max_chain_depth:
             raise CertificateRejected(
                 "bad_certificate",
-                f"certificate chain of {len(chain)} certificates; at most {MAX_CHAIN_LENGTH}",
+                f"certificate chain of {len(chain)} certificates; "
+                f"at most {self._max_chain_depth} (max_chain_depth)",
+                CHECK_CHAIN_TOO_LONG,
             )
         when = _validation_time(now)
         certs = [_parse(index, der) for index, der in enumerate(chain, start=1)]
         leaf, intermediates = certs[0], certs[1:]
+        self._refuse_crafted(certs)
 
         # Our own policy, checked before the chain: the leaf must carry a key that can sign
         # one of the schemes we offer, or no CertificateVerify could ever succeed.
@@ -471,6 +532,35 @@ class X509ClientVerifier:
             return _identity(leaf, path)
         except ValueError:
             raise CertificateRejected("bad_certificate", "malformed subjectAltName") from None
+
+    def _refuse_crafted(self, certs: Sequence[x509.Certificate]) -> None:
+        """The cheap refusals of the module docstring, before any signature is checked: a
+        chain no real client sends, and that would make the path builder try every ordering
+        of certificates that all verify each other."""
+        seen: dict[tuple[bytes, bytes], int] = {}
+        for position, cert in enumerate(certs, start=1):
+            pair = _name_and_key(cert)
+            if pair is None:
+                continue
+            if pair in seen:
+                raise CertificateRejected(
+                    "bad_certificate",
+                    f"certificates {seen[pair]} and {position} of the chain have the same "
+                    f"subject and key ({_describe(cert)})",
+                    CHECK_DUPLICATE,
+                )
+            seen[pair] = position
+            if (
+                position > 1
+                and cert.subject == cert.issuer
+                and pair not in self._anchor_names_and_keys
+            ):
+                raise CertificateRejected(
+                    "unknown_ca",
+                    f"certificate {position} of the chain is self-issued "
+                    f"({_describe(cert)}) and not a trusted CA",
+                    CHECK_SELF_ISSUED,
+                )
 
     def _issuing_anchors(self, cert: x509.Certificate) -> list[x509.Certificate]:
         candidates = self._by_subject.get(cert.issuer, ())

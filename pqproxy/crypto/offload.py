@@ -1,8 +1,9 @@
 """How a backend call is run: inline, on a thread pool, on a process pool, or batched.
 
-The engine asks for crypto with an event (``KeyExchangeNeeded``, ``SignatureNeeded``) and
-never learns where it runs; this module decides. One ``Offloader`` per serving process owns
-the pools of the configured backend (and of its fallback) and is shared by every listener.
+The engine asks for crypto with an event (``KeyExchangeNeeded``, ``SignatureNeeded``,
+``CertificateVerificationNeeded``) and never learns where it runs; this module decides. One
+``Offloader`` per serving process owns the pools of the configured backend (and of its
+fallback) and is shared by every listener.
 
 Rules this module keeps:
 
@@ -29,6 +30,11 @@ Rules this module keeps:
   are logged and reported to the observer. Signatures have no fallback: a key lives in one
   backend (a token keeps it inside); while the breaker is open, a signature whose key is not
   in the primary backend runs on the fallback's pool.
+- **Client chain verifications** are not a backend's work but cryptography's path builder:
+  they run on the loop in inline mode, and on an ``x509`` thread pool of their own (its own
+  slots, the same timeout) in every other mode, process mode included (the verifier holds
+  the trust anchors of this process). A chain that does not verify is the client's doing
+  (``Outcome.REJECTED``), never a backend failure.
 - **Process mode** rebuilds everything in the worker from picklable specs (``CryptoJob``):
   a ``KeyExchangeJob`` names the backend and the group, a ``SignJob`` carries the PEM key
   (``SignerKey``), which each worker loads once and caches. So process mode supports key
@@ -59,7 +65,17 @@ from typing import Any, Final, Protocol, TypeVar
 
 from ..tls.enums import SignatureScheme, group_name
 from .backends import BACKEND_MODULES
-from .provider import BackendError, CryptoProvider, InvalidKeyShare, KxGroup, SharedSecret, Signer
+from .provider import (
+    BackendError,
+    CertificateRejected,
+    ClientCertificateVerifier,
+    CryptoProvider,
+    InvalidKeyShare,
+    KxGroup,
+    PeerIdentity,
+    SharedSecret,
+    Signer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +83,10 @@ T = TypeVar("T")
 
 KIND_KEY_EXCHANGE: Final = "key_exchange"
 KIND_SIGNATURE: Final = "signature"
+# A client certificate chain checked against the trust anchors (cryptography's X.509 path
+# builder, not a backend): run on the "x509" runner.
+KIND_CHAIN_VERIFICATION: Final = "chain_verification"
+X509_RUNNER: Final = "x509"
 # The breaker's synthetic round trip against the primary while the fallback serves.
 KIND_PROBE: Final = "probe"
 
@@ -168,8 +188,8 @@ class OffloadSettings:
 
 class Outcome(StrEnum):
     OK = "ok"
-    # The peer's input was invalid (InvalidKeyShare, illegal_parameter): not the backend's
-    # fault, so it never counts towards the breaker.
+    # The peer's input was invalid (InvalidKeyShare, illegal_parameter; a client chain that
+    # did not verify): not the backend's fault, so it never counts towards the breaker.
     REJECTED = "rejected"
     ERROR = "error"
     TIMEOUT = "timeout"
@@ -646,7 +666,40 @@ def _spread(
     return [(None, r) if isinstance(r, BaseException) else (r, None) for r in results]
 
 
-_Op = _KxOp | _SignOp
+class _ChainOp:
+    """A client chain verification. Always run on threads (the ``x509`` runner), never in a
+    worker process: the verifier is an object of this process, and what it costs is bounded
+    by its own cheap refusals before the path builder."""
+
+    __slots__ = ("verifier", "chain", "now")
+    kind = KIND_CHAIN_VERIFICATION
+
+    def __init__(
+        self, verifier: ClientCertificateVerifier, chain: tuple[bytes, ...], now: float
+    ) -> None:
+        self.verifier = verifier
+        self.chain = chain
+        self.now = now
+
+    def run(self) -> PeerIdentity:
+        return self.verifier.verify_chain(self.chain, self.now)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (KIND_CHAIN_VERIFICATION,)
+
+    def spec(self, backend: str, keys: Mapping[Signer, SignerKey]) -> CryptoJob:
+        raise BackendError("chain verifications do not run in worker processes")
+
+    @staticmethod
+    def from_worker(value: Any) -> PeerIdentity:
+        raise BackendError("chain verifications do not run in worker processes")
+
+    @staticmethod
+    def run_batch(ops: Sequence[_ChainOp]) -> list[tuple[Any, BaseException | None]]:
+        return [_call(op.run) for op in ops]
+
+
+_Op = _KxOp | _SignOp | _ChainOp
 Done = Callable[[Any], None]
 
 
@@ -1137,11 +1190,15 @@ def _describe_error(error: BaseException) -> str:
 def _outcome(error: BaseException | None) -> Outcome:
     if error is None:
         return Outcome.OK
-    if isinstance(error, InvalidKeyShare):
+    if isinstance(error, InvalidKeyShare | CertificateRejected):
         return Outcome.REJECTED
     if isinstance(error, BackendTimeout):
         return Outcome.TIMEOUT
     return Outcome.ERROR
+
+
+# The observer's label of a chain verification (one value: what varies is the outcome).
+_CHAIN_LABEL: Final = "client_chain"
 
 
 def _scheme_name(scheme: int) -> str:
@@ -1206,6 +1263,11 @@ class Offloader:
         if fallback_provider is not None:
             assert settings.fallback is not None
             self._fallback = self._runner(settings.fallback, fallback_provider)
+        # Client chain verifications: on the loop in inline mode, else on threads of their
+        # own (also in process and batch modes), with their own concurrency slots, so that
+        # a flood of client certificates cannot hold the slots key exchanges need.
+        x509_runner = _InlineRunner if settings.mode is OffloadMode.INLINE else _ThreadRunner
+        self._x509: _Runner = x509_runner(X509_RUNNER, provider, settings, self._complete)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._live: set[_Job] = set()
@@ -1248,7 +1310,7 @@ class Offloader:
     def waiting(self) -> int:
         """Requests waiting for a concurrency slot (a queue-depth gauge)."""
         fallback = self._fallback.slots.waiting if self._fallback is not None else 0
-        return self._primary.slots.waiting + fallback
+        return self._primary.slots.waiting + fallback + self._x509.slots.waiting
 
     @property
     def active_backend(self) -> str:
@@ -1298,7 +1360,7 @@ class Offloader:
         self._loop = asyncio.get_running_loop()
         started: list[_Runner] = []
         try:
-            for runner in (self._primary, self._fallback):
+            for runner in (self._primary, self._fallback, self._x509):
                 if runner is not None:
                     await runner.start(self._loop)
                     started.append(runner)
@@ -1317,7 +1379,7 @@ class Offloader:
             self._probe_timer = None
         for job in list(self._live):
             self._finish(job, None, BackendError("offload closed"), 0.0, 0.0, 1)
-        for runner in (self._primary, self._fallback):
+        for runner in (self._primary, self._fallback, self._x509):
             if runner is not None:
                 try:
                     await runner.close()
@@ -1347,6 +1409,17 @@ class Offloader:
             done,
         )
 
+    def submit_chain_verification(
+        self,
+        verifier: ClientCertificateVerifier,
+        chain: tuple[bytes, ...],
+        now: float,
+        done: Done,
+    ) -> None:
+        """``done(identity)`` or ``done(exception)`` (CertificateRejected for a chain that
+        does not verify), later, on the loop. Runs on the ``x509`` threads."""
+        self._submit(self._x509, _ChainOp(verifier, chain, now), _CHAIN_LABEL, done)
+
     async def key_exchange(
         self, group: int, exchange: KxGroup, share: bytes
     ) -> tuple[bytes, SharedSecret]:
@@ -1357,6 +1430,13 @@ class Offloader:
     async def sign(self, signer: Signer, scheme: int, message: bytes) -> bytes:
         future: asyncio.Future[bytes] = self._require_loop().create_future()
         self.submit_signature(signer, scheme, message, functools.partial(_settle, future))
+        return await future
+
+    async def verify_chain(
+        self, verifier: ClientCertificateVerifier, chain: tuple[bytes, ...], now: float
+    ) -> PeerIdentity:
+        future: asyncio.Future[PeerIdentity] = self._require_loop().create_future()
+        self.submit_chain_verification(verifier, chain, now, functools.partial(_settle, future))
         return await future
 
     def run_inline_key_exchange(
@@ -1372,6 +1452,15 @@ class Offloader:
     def run_inline_signature(self, signer: Signer, scheme: int, message: bytes) -> bytes:
         op = _SignOp(signer, scheme, message)
         result: bytes = self._run_inline(self._route_signature(signer), op, _scheme_name(scheme))
+        return result
+
+    def run_inline_chain_verification(
+        self, verifier: ClientCertificateVerifier, chain: tuple[bytes, ...], now: float
+    ) -> PeerIdentity:
+        """Inline mode: the chain verification now, on this thread, accounted as the other
+        modes do. Raises what ``fail_certificate_verification`` takes."""
+        op = _ChainOp(verifier, chain, now)
+        result: PeerIdentity = self._run_inline(self._x509, op, _CHAIN_LABEL)
         return result
 
     # -- internals -------------------------------------------------------------------------------

@@ -172,8 +172,9 @@ class CryptoProvider(Protocol):
 
 
 # --- client authentication and session tickets -------------------------------------------
-# The engine calls these synchronously; implementations live in crypto/ (X.509 through
-# cryptography's verifier, tickets under rotating AEAD keys).
+# Implementations live in crypto/ (X.509 through cryptography's verifier, tickets under
+# rotating AEAD keys). The engine calls verify_signature and the ticket protector itself;
+# verify_chain is run by whoever answers its CertificateVerificationNeeded event.
 
 
 @dataclass(frozen=True)
@@ -184,17 +185,25 @@ class PeerIdentity:
     dns_names: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
     chain: tuple[bytes, ...] = field(default=(), repr=False)
+    # Unix time at which the verified path stops being valid (its earliest notAfter, as a
+    # rule the leaf's): a resumed session never carries the identity past it (RFC 8446
+    # §4.6.1). How long the proof holds, not who the client is: not compared.
+    not_after: float | None = field(default=None, compare=False)
 
 
 class CertificateRejected(Exception):
     """A client certificate or its CertificateVerify failed. ``alert`` is the RFC 8446
     alert name to send (bad_certificate, unknown_ca, certificate_expired,
-    unsupported_certificate, decrypt_error); ``reason`` is for the log only."""
+    unsupported_certificate, decrypt_error); ``reason`` is for the log only; ``check``
+    names the rule that refused it, from a small fixed set (a metrics label): the alert
+    name unless a more precise one applies (chain_too_long, duplicate_certificate,
+    self_issued_intermediate)."""
 
-    def __init__(self, alert: str, reason: str) -> None:
+    def __init__(self, alert: str, reason: str, check: str | None = None) -> None:
         super().__init__(reason)
         self.alert = alert
         self.reason = reason
+        self.check = check if check is not None else alert
 
 
 class ClientCertificateVerifier(Protocol):
@@ -205,7 +214,9 @@ class ClientCertificateVerifier(Protocol):
 
     def verify_chain(self, chain: tuple[bytes, ...], now: float) -> PeerIdentity:
         """Chain (leaf first, DER) to a trusted CA at time ``now`` (Unix seconds), with
-        key usage and extended key usage clientAuth. Raises CertificateRejected."""
+        key usage and extended key usage clientAuth. Raises CertificateRejected. The
+        engine asks for it with an event (CertificateVerificationNeeded), so it may run
+        on any thread: it must not keep state between calls."""
         ...
 
     def verify_signature(self, leaf: bytes, scheme: int, message: bytes, signature: bytes) -> None:

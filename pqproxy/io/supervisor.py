@@ -90,6 +90,7 @@ from .admin import (
 from .cert_watch import CertificateWatch, replace_certificates
 from .http_proxy import HttpSettings
 from .keylog import KEY_LOG_ENV, close_key_logs, open_key_log
+from .listen_queue import ListenQueueMonitor, named, warn_backlog_capped
 from .loop import ShutdownSignals, run
 from .session_tickets import TicketKeyError, TicketMasters, listener_ticket_keys
 from .telemetry import Telemetry
@@ -243,6 +244,8 @@ def http_settings(listener: ListenerConfig, upstream: UpstreamConfig) -> HttpSet
         upstream_read_timeout=upstream.timeouts.read,
         max_header_bytes=listener.limits.max_header_bytes,
         max_body_bytes=listener.limits.max_body_bytes,
+        max_header_count=listener.limits.max_header_count,
+        request_buffering=listener.limits.request_buffering,
         forwarding=ForwardingOptions(
             x_forwarded_for=headers.x_forwarded_for,
             x_forwarded_proto=headers.x_forwarded_proto,
@@ -298,7 +301,7 @@ def server_config(
     if client_auth.mode is not ClientAuth.NONE and client_auth.ca is not None:
         try:
             ca_pem = client_auth.ca.read_bytes()
-            verifier = X509ClientVerifier(ca_pem)
+            verifier = X509ClientVerifier(ca_pem, max_chain_depth=client_auth.max_chain_depth)
         except OSError as exc:
             raise ServeError(
                 f"listener {listener.name}: client CA bundle {client_auth.ca}: "
@@ -323,6 +326,7 @@ def server_config(
             tickets=tickets,
             tickets_per_handshake=tls.tickets.per_handshake,
             ticket_lifetime=tls.tickets.lifetime,
+            max_auth_age=client_auth.max_auth_age,
         )
     except ValueError as exc:
         raise ServeError(f"listener {listener.name}: {exc}") from None
@@ -511,6 +515,7 @@ def build_runtime(
                 send_timeout=listener.timeouts.send,
                 upstream_connect_timeout=upstream.timeouts.connect,
                 max_connections=listener.limits.max_connections,
+                backlog=listener.limits.backlog,
                 mode=listener.mode.value,
                 http=http_settings(listener, upstream) if listener.mode.value == "http" else None,
                 pool=pool,
@@ -565,7 +570,16 @@ def check_reloadable(old: Config, new: Config) -> None:
                 f"listener {listener.name}: listen address changed from {listener.listen} to "
                 f"{address}; a reload keeps the bound socket, so that needs a restart"
             )
-    if new.workers != old.workers:
+        backlog = by_name[listener.name].limits.backlog
+        if backlog != listener.limits.backlog:
+            raise ReloadRefused(
+                f"listener {listener.name}: limits.backlog changed from "
+                f"{listener.limits.backlog} to {backlog}; the listening sockets keep theirs, "
+                "so that needs a restart"
+            )
+    # "auto" on both sides is no change, even if the CPUs it resolves to have: the running
+    # workers stay as they are.
+    if new.workers != old.workers and not (new.workers_auto and old.workers_auto):
         raise ReloadRefused(
             f"workers changed from {old.workers} to {new.workers}: that needs a restart"
         )
@@ -661,6 +675,10 @@ class _Server:
     admin: AdminServer | None = None
     # Certificate rotation without a signal; None: off. Started once the listeners serve.
     cert_watch: CertificateWatch | None = None
+    # Whether this process counts the kernel's host-wide listen overflow counters: one
+    # process of a pqproxy does (the single one, or worker 0).
+    count_listen_overflows: bool = True
+    listen_monitor: ListenQueueMonitor | None = None
     readiness: ReadinessState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -704,6 +722,12 @@ class _Server:
                 pool.name,
                 ", ".join(s.label for s in pool.servers),
             )
+        self.listen_monitor = ListenQueueMonitor(
+            named([listener.name for listener in self.config.listeners], self.listeners),
+            self.telemetry,
+            kernel_counters=self.count_listen_overflows,
+        )
+        self.listen_monitor.start()
         self.readiness.listeners(True)
         # Only now: a worker publishes its checks once it serves (see pqproxy.io.admin).
         self.readiness.start_publishing()
@@ -880,6 +904,8 @@ class _Server:
         """Close every listener (immediately) and every pool, retiring ones included, then
         the admin endpoint."""
         self.readiness.listeners(False, "shutting down")
+        if self.listen_monitor is not None:
+            await self.listen_monitor.close()
         if self.cert_watch is not None:
             await self.cert_watch.close()
         await asyncio.gather(*(listener.close() for listener in self.listeners))
@@ -906,6 +932,7 @@ async def run_worker(
     signals: Sequence[signal.Signals] = SINGLE_PROCESS_SIGNALS,
     serve_admin: bool = True,
     ticket_masters: TicketMasters | None = None,
+    count_listen_overflows: bool = True,
 ) -> None:
     """Serve ``source`` until SIGTERM/SIGINT, reloading on SIGHUP.
 
@@ -916,7 +943,9 @@ async def run_worker(
     ``on_ready`` runs once every listener accepts; by default it prints the listening lines.
     Metrics are collected when the configuration has an admin endpoint; ``serve_admin``
     False leaves serving it to a supervisor (a worker). ``ticket_masters``: the session-ticket
-    secrets a supervisor made before forking (None: made here).
+    secrets a supervisor made before forking (None: made here). ``count_listen_overflows``:
+    whether this process counts the kernel's host-wide listen counters (a supervisor lets
+    worker 0 do it; see pqproxy.io.listen_queue).
     Raises ConfigError or ServeError when the configuration cannot be served.
     """
     if isinstance(source, Config):
@@ -959,7 +988,11 @@ async def run_worker(
         telemetry=telemetry,
         serve_admin=serve_admin,
         cert_watch=cert_watch,
+        count_listen_overflows=count_listen_overflows,
     )
+    if sockets is None:
+        # One process: said here, once. A supervisor says it before it forks.
+        warn_backlog_capped(config)
     with ShutdownSignals(signals) as caught:
         try:
             await server.start(sockets)
@@ -1238,7 +1271,7 @@ class _Supervisor:
             return
         if pid == 0:
             os.close(ready_r)
-            self._in_child(parent, ready_w)
+            self._in_child(parent, ready_w, slot)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(ready_w)
         os.set_blocking(ready_r, False)
@@ -1246,7 +1279,7 @@ class _Supervisor:
         self.slots[slot].restart_at = None
         logger.info("supervisor: worker %d started, pid=%d", slot, pid)
 
-    def _in_child(self, parent: int, ready_w: int) -> NoReturn:
+    def _in_child(self, parent: int, ready_w: int, slot: int) -> NoReturn:
         code = 1
         try:
             # Still blocked: reset what the parent installed before anything can arrive.
@@ -1273,6 +1306,8 @@ class _Supervisor:
                 ready_w,
                 self.use_uvloop,
                 self.ticket_masters,
+                # The kernel's listen counters are host-wide: one worker counts them.
+                count_listen_overflows=slot == 0,
             )
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -1531,6 +1566,8 @@ def _worker_process(
     ready_w: int,
     use_uvloop: bool,
     ticket_masters: TicketMasters,
+    *,
+    count_listen_overflows: bool = False,
 ) -> int:
     """The body of a forked worker: its own sockets on the shared ports, its own loop."""
 
@@ -1566,6 +1603,7 @@ def _worker_process(
                 signals=WORKER_SIGNALS,
                 serve_admin=False,
                 ticket_masters=ticket_masters,
+                count_listen_overflows=count_listen_overflows,
             ),
             use_uvloop=use_uvloop,
         )
@@ -1602,5 +1640,6 @@ def run_supervisor(
             raise ServeError(f"crypto: {exc}") from None
     masters = start_ticket_masters(config)
     check_servable(config, provider, masters)
+    warn_backlog_capped(config)
     reload_config = reload or (lambda: config)
     return _Supervisor(config, reload_config, provider, use_uvloop, masters).run()

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..crypto.instrumented import Observer
 from ..metrics import (
+    CLIENT_CERTIFICATE_RESULTS,
     CONNECTION_ERROR_SIDES,
     INVALID_RESPONSE_REASONS,
     OTHER_GROUP,
@@ -58,6 +59,9 @@ class Telemetry:
         self._handshake_duration: dict[tuple[int, str], Any] = {}
         self._key_exchange: dict[tuple[int, str], Any] = {}
         self._sign: dict[tuple[int, str], Any] = {}
+        self._client_certificates = {
+            r: m.tls_client_certificates.labels(r) for r in CLIENT_CERTIFICATE_RESULTS
+        }
         self._kem_ops: dict[tuple[str, str, str], Any] = {}
         self._kem_duration: dict[tuple[str, str], Any] = {}
         self._alerts: dict[AlertDescription, Any] = {}
@@ -154,6 +158,15 @@ class Telemetry:
                 _name(SignatureScheme, scheme), backend
             )
         child.observe(seconds)
+
+    def client_chain_verified(self, result: str, seconds: float) -> None:
+        """One client chain verification: ``result`` is ok, or the CertificateRejected check
+        that refused it (anything outside CLIENT_CERTIFICATE_RESULTS counts as other)."""
+        child = self._client_certificates.get(result)
+        if child is None:
+            child = self._client_certificates["other"]
+        child.inc()
+        self.metrics.tls_client_chain_verify.observe(seconds)
 
     def alert_sent(self, alert: AlertDescription) -> None:
         child = self._alerts.get(alert)

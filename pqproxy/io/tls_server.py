@@ -11,7 +11,9 @@ Rules this module keeps:
 - Every wait has a deadline: handshake, idle, upstream connect, and the linger after a close
   (a peer that never reads must not keep a closing socket alive).
 - Backpressure: each side's transport has ``write_high_water`` as its high-water mark; when a
-  side's write buffer goes above it, reading from the other side stops until it drains.
+  side's write buffer goes above it, reading from the other side stops until it drains, and
+  so does reading from the client whose own buffer it is (what a client sends can make us
+  write: a KeyUpdate answer, an alert, an error response).
 - An exception in one connection is logged as one line and closes that connection; it never
   reaches the loop's default handler as a traceback.
 - Exactly one summary (``ConnectionClosed``) per accepted socket reaches ``on_terminated``.
@@ -24,6 +26,7 @@ import functools
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from enum import IntEnum, StrEnum
 from typing import Any, cast
 
 from ..crypto.offload import Offloader
-from ..crypto.provider import CryptoProvider
+from ..crypto.provider import CertificateRejected, CryptoProvider
 from ..logtext import printable
 from ..relay.http1 import (
     PSK_SIGNATURE,
@@ -43,6 +46,7 @@ from ..relay.http1 import (
 from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
 from ..tls.events import (
     ApplicationData,
+    CertificateVerificationNeeded,
     ConnectionTerminated,
     Event,
     HandshakeComplete,
@@ -63,6 +67,9 @@ logger = logging.getLogger(__name__)
 CLOSE_LINGER = 5.0
 # Refusals under overload are logged at most this often, so a flood cannot flood the log too.
 REFUSAL_LOG_INTERVAL = 1.0
+# Queued plaintext is sealed at once from this size on: four full records (RFC 8446 §5.1,
+# 2^14 bytes each), nothing more to gain by waiting for the end of the loop iteration.
+COALESCE_LIMIT = 4 * (1 << 14)
 # How long ``TLSListener.close`` waits for connections to finish their close_notify.
 SHUTDOWN_GRACE = 5.0
 
@@ -84,6 +91,9 @@ class ListenerSettings:
     send_timeout: float = 60.0
     upstream_connect_timeout: float = 5.0
     max_connections: int = 10000
+    # listen(2) backlog of every listening socket: the kernel's accept queue (capped by
+    # net.core.somaxconn).
+    backlog: int = 4096
     # Transports choose their own read size; this caps the bytes held for an upstream that is
     # still connecting (the client is paused beyond it).
     read_chunk: int = 65536
@@ -98,8 +108,9 @@ class ListenerSettings:
     telemetry: Telemetry | None = None
     # The engine's NSS key-log hook (pqproxy.io.keylog); None: off, and free.
     key_log: Callable[[str, bytes, bytes], None] | None = None
-    # Where KeyExchangeNeeded / SignatureNeeded are run (pqproxy.crypto.offload); shared by
-    # every listener of the process. None: inline on the loop, without accounting.
+    # Where KeyExchangeNeeded / SignatureNeeded / CertificateVerificationNeeded are run
+    # (pqproxy.crypto.offload); shared by every listener of the process. None: inline on the
+    # loop, without accounting.
     offloader: Offloader | None = None
     # Client identities (URI SAN, DNS SAN or subject) let through after the handshake; anyone
     # else gets 403 (http) or a closed connection (tcp) and the upstream never hears of them.
@@ -113,6 +124,50 @@ class ListenerSettings:
             raise ValueError(f"mode must be http or tcp, not {self.mode!r}")
         if self.mode == "http" and (self.http is None or self.pool is None):
             raise ValueError("http mode needs http settings and an upstream pool")
+
+
+# At most this many connections accepted per wake-up of the loop (see TLSListener.start).
+ACCEPT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ListenQueue:
+    """One listening socket's accept queue: connections waiting for accept(), and the most
+    the kernel keeps (the effective backlog, after net.core.somaxconn)."""
+
+    length: int
+    limit: int
+
+
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; on a listening socket
+# tcpi_unacked is the accept queue's length and tcpi_sacked its limit (what `ss -l`
+# shows as Recv-Q / Send-Q).
+_TCP_INFO_SIZE = 104
+_TCPI_STATE_LISTEN = 10
+_TCPI_UNACKED_OFFSET = 24
+
+
+def listen_queue(fd: int) -> ListenQueue | None:
+    """The accept queue of the listening TCP socket ``fd``; None where TCP_INFO does not
+    say (not Linux, not a listening socket)."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(fd)) as dup:
+            info = dup.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_SIZE)
+    except OSError:
+        return None
+    if len(info) < _TCPI_UNACKED_OFFSET + 8 or info[0] != _TCPI_STATE_LISTEN:
+        return None
+    length, limit = struct.unpack_from("=II", info, _TCPI_UNACKED_OFFSET)
+    return ListenQueue(length, limit)
+
+
+def _listen(fd: int, backlog: int) -> None:
+    """listen(2) again on an already listening socket: the kernel takes the new backlog."""
+    with socket.socket(fileno=os.dup(fd)) as dup:
+        dup.listen(backlog)
 
 
 class CloseKind(StrEnum):
@@ -164,6 +219,8 @@ class ConnectionSnapshot:
 
 
 HandshakeHook = Callable[[HandshakeComplete, str], None]
+# What the engine asks the I/O layer to compute (pqproxy.crypto.offload runs it).
+_CryptoRequest = KeyExchangeNeeded | SignatureNeeded | CertificateVerificationNeeded
 TerminatedHook = Callable[[ConnectionClosed], None]
 
 _FAILURE_REASONS = {
@@ -222,13 +279,20 @@ class TLSListener:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Bind and listen; ``sock`` is an already bound socket (workers share a port
-        through SO_REUSEPORT, each with its own socket)."""
+        through SO_REUSEPORT, each with its own socket).
+
+        Every listening socket gets ``settings.backlog`` as its kernel accept queue. The
+        loop is given ACCEPT_BATCH instead, and listen(2) is called again with the real
+        backlog: asyncio's selector loop accepts at most its ``backlog`` connections per
+        wake-up, so a burst is taken in batches between which the connections already
+        accepted get their turn, rather than thousands at once."""
         if self._server is not None:
             raise RuntimeError("listener already started")
         loop = asyncio.get_running_loop()
+        batch = min(ACCEPT_BATCH, self.settings.backlog)
         if sock is not None:
             self._server = await loop.create_server(
-                lambda: _ClientConnection(self, loop), sock=sock
+                lambda: _ClientConnection(self, loop), sock=sock, backlog=batch
             )
         else:
             self._server = await loop.create_server(
@@ -236,7 +300,22 @@ class TLSListener:
                 self.settings.host,
                 self.settings.port,
                 reuse_address=True,
+                backlog=batch,
             )
+        for listening in self._server.sockets:
+            _listen(listening.fileno(), self.settings.backlog)
+
+    def listen_queues(self) -> list[ListenQueue]:
+        """The accept queue of each listening socket now (Linux; empty elsewhere)."""
+        server = self._server
+        if server is None:
+            return []
+        queues = []
+        for listening in server.sockets:
+            queue = listen_queue(listening.fileno())
+            if queue is not None:
+                queues.append(queue)
+        return queues
 
     @property
     def port(self) -> int:
@@ -365,6 +444,11 @@ class _ClientConnection(asyncio.Protocol):
         self._client_writable.set()
         self._pending: list[bytes] = []
         self._pending_size = 0
+        # Plaintext the HTTP session wrote in this loop iteration, sealed together at its end
+        # (``_flush_written``) so that one answer leaves in as few records as 2^14 allows.
+        self._written: list[bytes] = []
+        self._written_size = 0
+        self._written_flush: asyncio.Handle | None = None
         self._client_eof = False
         self._upstream_eof_sent = False
         self._client_write_paused = False
@@ -392,7 +476,11 @@ class _ClientConnection(asyncio.Protocol):
             reading_client=client is not None and client.is_reading(),
             upstream_connected=upstream is not None and not upstream.is_closing(),
             reading_upstream=upstream is not None and upstream.is_reading(),
-            buffered_to_client=client.get_write_buffer_size() if client is not None else 0,
+            buffered_to_client=(
+                client.get_write_buffer_size() + self._written_size
+                if client is not None
+                else self._written_size
+            ),
             buffered_to_upstream=(
                 upstream.get_write_buffer_size() + self._pending_size
                 if upstream is not None
@@ -530,9 +618,13 @@ class _ClientConnection(asyncio.Protocol):
             logger.error("peer=%s metrics failed: %s: %s", self._peer, type(exc).__name__, exc)
 
     def pause_writing(self) -> None:
-        # The client is not keeping up: stop taking bytes from the upstream.
+        # The client is not keeping up: stop taking bytes from the upstream, and from the
+        # client itself. What a client sends can make us write (a KeyUpdate answer, an alert,
+        # an HTTP error): one that never reads must not make our buffer grow with what it
+        # sends. In every mode, and during the handshake too.
         self._client_write_paused = True
         self._client_writable.clear()
+        self._pause_client("client-buffer")
         if self._upstream is not None and not self._upstream.is_closing():
             self._upstream.pause_reading()
         if self._send_timer is None and not self._closing:
@@ -544,6 +636,7 @@ class _ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._client_write_paused = False
         self._client_writable.set()
+        self._resume_client("client-buffer")
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -591,15 +684,54 @@ class _ClientConnection(asyncio.Protocol):
     # -- Downstream, for the HTTP session ----------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        """Queue ``data`` for the client. It is sealed with everything else written in the
+        same loop iteration (a response head with its first body bytes, an error answer's
+        head, body and end) at the iteration's end, before a close, on ``drain`` above the
+        high-water mark, or at once when a few full records' worth is waiting."""
         if self._closing:
             raise ConnectionResetError("client connection closed")
+        if not data:
+            return
         self._last_activity = self._loop.time()
-        self._tls.send_data(data)
-        self._flush()
+        self._written.append(data)
+        self._written_size += len(data)
+        if self._written_size >= COALESCE_LIMIT:
+            self._flush()
+        elif self._written_flush is None:
+            self._written_flush = self._loop.call_soon(self._flush_written)
+
+    def _flush_written(self) -> None:
+        self._written_flush = None
+        if self._closing:
+            return  # _finish has sealed and written what was queued, or the client is gone
+        try:
+            self._flush()
+        except Exception as exc:
+            self._internal_error("flush", exc)
+
+    def _seal_written(self) -> None:
+        """Hand the queued plaintext to the engine in one call: full records, one short."""
+        if not self._written:
+            return
+        data = self._written[0] if len(self._written) == 1 else b"".join(self._written)
+        self._written.clear()
+        self._written_size = 0
+        if self._written_flush is not None:
+            self._written_flush.cancel()
+            self._written_flush = None
+        # An engine that has closed (an alert from either side) takes no more data; the
+        # session learns of the close from _finish.
+        if not self._tls.closed:
+            self._tls.send_data(data)
 
     async def drain(self) -> None:
         if self._closing:
             raise ConnectionResetError("client connection closed")
+        if self._written and self._written_size + self._buffered_to_client() > (
+            self._settings.write_high_water
+        ):
+            # The transport must see the queued bytes to say it is full (pause_writing).
+            self._flush()
         if not self._client_writable.is_set():
             await self._client_writable.wait()
             if self._closing:
@@ -635,7 +767,7 @@ class _ClientConnection(asyncio.Protocol):
                 self._http.feed(event.data)
             else:
                 self._to_upstream(event.data)
-        elif isinstance(event, KeyExchangeNeeded | SignatureNeeded):
+        elif isinstance(event, KeyExchangeNeeded | SignatureNeeded | CertificateVerificationNeeded):
             self._resolve_crypto(event)
         elif isinstance(event, HandshakeComplete):
             self._on_handshake_complete(event)
@@ -646,11 +778,13 @@ class _ClientConnection(asyncio.Protocol):
         elif isinstance(event, KeyUpdated):
             logger.debug("peer=%s key update (we_updated=%s)", self._peer, event.we_updated)
 
-    def _resolve_crypto(self, event: KeyExchangeNeeded | SignatureNeeded) -> None:
+    def _resolve_crypto(self, event: _CryptoRequest) -> None:
         """Run the engine's crypto request and hand the result back: here, on the loop thread
         (no offloader, or an inline one: no task, no hop), or on the offloader's pool, whose
         answer comes back later on the loop (``_crypto_answer``); the engine buffers what the
         client sends meanwhile, and the handshake timer still bounds the whole handshake.
+        A client chain verification goes the same way (the offloader's x509 threads): path
+        building is never run on the loop unless the offload mode is inline.
 
         Timing: ``requested`` is taken when the engine asks and ``_crypto_done`` runs just
         before the result goes back, so with an offloader the phase histograms include the
@@ -665,8 +799,10 @@ class _ClientConnection(asyncio.Protocol):
                 offloader.submit_key_exchange(
                     event.group, event.exchange, event.client_share, answer
                 )
-            else:
+            elif isinstance(event, SignatureNeeded):
                 offloader.submit_signature(event.signer, event.scheme, event.message, answer)
+            else:
+                offloader.submit_chain_verification(event.verifier, event.chain, event.now, answer)
             return
         result: Any
         try:
@@ -677,31 +813,38 @@ class _ClientConnection(asyncio.Protocol):
                     result = offloader.run_inline_key_exchange(
                         event.group, event.exchange, event.client_share
                     )
+            elif isinstance(event, SignatureNeeded):
+                if offloader is None:
+                    result = event.signer.sign(event.scheme, event.message)
+                else:
+                    result = offloader.run_inline_signature(
+                        event.signer, event.scheme, event.message
+                    )
             elif offloader is None:
-                result = event.signer.sign(event.scheme, event.message)
+                result = event.verifier.verify_chain(event.chain, event.now)
             else:
-                result = offloader.run_inline_signature(event.signer, event.scheme, event.message)
+                result = offloader.run_inline_chain_verification(
+                    event.verifier, event.chain, event.now
+                )
         except Exception as exc:
             result = exc
-        self._crypto_done(event, requested)
+        self._crypto_done(event, requested, result)
         self._to_engine(event, result)
 
-    def _crypto_answer(
-        self, event: KeyExchangeNeeded | SignatureNeeded, requested: float, result: Any
-    ) -> None:
+    def _crypto_answer(self, event: _CryptoRequest, requested: float, result: Any) -> None:
         """An offloaded request's answer (the result, or the exception for ``fail_*``), on
         the loop. The connection may have ended meanwhile (the client left, the handshake
         timed out): the answer is then dropped."""
         if self._closing:
             return
         try:
-            self._crypto_done(event, requested)
+            self._crypto_done(event, requested, result)
             self._to_engine(event, result)
             self._pump()
         except Exception as exc:
             self._internal_error("crypto answer", exc)
 
-    def _to_engine(self, event: KeyExchangeNeeded | SignatureNeeded, result: Any) -> None:
+    def _to_engine(self, event: _CryptoRequest, result: Any) -> None:
         tls = self._tls
         if isinstance(event, KeyExchangeNeeded):
             if isinstance(result, BaseException):
@@ -709,22 +852,44 @@ class _ClientConnection(asyncio.Protocol):
             else:
                 server_share, secret = result
                 tls.complete_key_exchange(server_share, secret)
+        elif isinstance(event, SignatureNeeded):
+            if isinstance(result, BaseException):
+                tls.fail_signature(result)
+            else:
+                tls.complete_signature(result)
         elif isinstance(result, BaseException):
-            tls.fail_signature(result)
+            tls.fail_certificate_verification(result)
         else:
-            tls.complete_signature(result)
+            tls.complete_certificate_verification(result)
 
-    def _crypto_done(self, event: KeyExchangeNeeded | SignatureNeeded, requested: float) -> None:
+    def _crypto_done(self, event: _CryptoRequest, requested: float, result: Any) -> None:
         telemetry = self._telemetry
         if telemetry is None:
             return
         seconds = time.perf_counter() - requested
         if isinstance(event, KeyExchangeNeeded):
             telemetry.key_exchange(event.group, event.exchange.backend, seconds)
-        else:
+        elif isinstance(event, SignatureNeeded):
             telemetry.signed(event.scheme, event.signer.backend, seconds)
+        else:
+            # ok, or the rule that refused the chain (CertificateRejected.check: a fixed
+            # set); any other failure is ours.
+            if isinstance(result, CertificateRejected):
+                outcome = result.check
+            elif isinstance(result, BaseException):
+                outcome = "error"
+            else:
+                outcome = "ok"
+            telemetry.client_chain_verified(outcome, seconds)
+
+    def _buffered_to_client(self) -> int:
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def _flush(self) -> None:
+        """Seal what the session queued, then write everything the engine has: the one
+        place engine output reaches the socket."""
+        self._seal_written()
         data = self._tls.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
@@ -810,6 +975,14 @@ class _ClientConnection(asyncio.Protocol):
 
     def _http_done(self, task: asyncio.Task[str]) -> None:
         if self._closing:
+            # Retrieve the outcome even so: a session that failed while the connection was
+            # closing must not surface later as "Task exception was never retrieved".
+            if not task.cancelled() and task.exception() is not None:
+                logger.info(
+                    "peer=%s http session ended after close: %s",
+                    self._peer,
+                    type(task.exception()).__name__,
+                )
             return
         try:
             if task.cancelled():
@@ -1038,6 +1211,8 @@ class _ClientConnection(asyncio.Protocol):
         if self._http_task is not None and not self._http_task.done():
             self._http_task.cancel()
         self._client_writable.set()
+        # What the session queued goes out before the close_notify.
+        self._seal_written()
         if close_notify and self._handshake_done and not self._tls.closed:
             self._tls.close()
             if self._alert is None:

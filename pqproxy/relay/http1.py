@@ -1,14 +1,20 @@
 """The HTTP/1.1 rules of the proxy, as pure functions over h11 types.
 
-The asyncio driver (`pqproxy/io/`) owns the sockets and the clock; it feeds client bytes into an
-h11 SERVER connection made by `HeaderLimits.server_connection()` and, for each request, calls:
+The asyncio driver (`pqproxy/io/`) owns the sockets and the clock; it holds client bytes in a
+`RequestHeadReader` until a request head is complete (→ 400, 414, 431, 501 for a Transfer-Encoding
+h11 could not read), feeds the head into an h11 SERVER connection made by
+`HeaderLimits.server_connection()` and, for each request, calls:
 
 1. `classify_h11_error` when h11 raises `RemoteProtocolError` (→ 400 or 431);
-2. `check_request` and `HeaderLimits.check_head` on the `h11.Request` (→ 400, 431, 505);
+2. `HeaderLimits.check_head` and `check_request` on the `h11.Request` (→ 400, 405, 414, 431, 501,
+   505); `check_request` returns the `RequestTarget` to send upstream;
 3. `body_too_large` before reading a body (→ 413 at once, even under `Expect: 100-continue`);
 4. `upstream_request_headers` to build the request it sends to the model server, and
    `downstream_response_headers` for the response it relays back;
 5. `error_response` (or `HttpError.response`) for every answer the proxy writes itself.
+
+The upstream's response is read by an `UpstreamResponseParser` (an h11 CLIENT that also reads
+the framings h11 refuses: a Transfer-Encoding without final chunked, a 204 or 304 with a body).
 
 Why the framing checks are short: the upstream never sees the client's bytes. Each message is
 parsed by h11 and written again by h11, so parser differentials on syntax (bare LF, obs-fold,
@@ -25,19 +31,26 @@ Transfer-Encoding on HTTP/1.0           accepted, body read as chunked   → we 
 Content-Length: 5 / Content-Length: 6   RemoteProtocolError, hint 400
 Content-Length: 5, 6                    RemoteProtocolError, hint 400
 Content-Length: +5 (or -1, 0x5, empty)  RemoteProtocolError, hint 400
-Transfer-Encoding: gzip                 RemoteProtocolError, hint 501   → we answer 400
-Transfer-Encoding: chunked, gzip        RemoteProtocolError, hint 501   → we answer 400
-two Transfer-Encoding lines             RemoteProtocolError, hint 501   → we answer 400
+Transfer-Encoding: gzip                 RemoteProtocolError, hint 501   → reader: 400
+Transfer-Encoding: chunked, gzip        RemoteProtocolError, hint 501   → reader: 400
+Transfer-Encoding: gzip, chunked / foo  RemoteProtocolError, hint 501   → reader: 501
+Transfer-Encoding: chunked, ,           RemoteProtocolError, hint 501   → reader: chunked
+two Transfer-Encoding lines             RemoteProtocolError, hint 501   → reader: joined
 incomplete head > max_incomplete_...    RemoteProtocolError "Receive buffer too long", 431
 complete head > max_incomplete_...      accepted (one read held all of it) → `check_head` 431
 GET / HTTP/2.0                          accepted as http_version b"2.0" → we answer 505
+GET / HTTP/1.2                          accepted as b"1.2", keep-alive  → handled as 1.1
+X: a<0x01>b (controls but NUL, CR, LF) accepted                         → we answer 400
+two Host lines / 1.1 without Host       RemoteProtocolError, hint 400
 ======================================  ================================================
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -46,7 +59,7 @@ from http import HTTPStatus
 import h11
 
 from ..crypto.provider import PeerIdentity
-from ..logtext import printable
+from ..logtext import printable as _printable
 from ..tls.enums import CipherSuite, SignatureScheme, group_name
 from ..tls.events import HandshakeComplete
 
@@ -201,9 +214,9 @@ def classify_h11_error(exc: h11.RemoteProtocolError) -> HttpError:
 
     Classified by h11's `error_status_hint` only, never by its message text: 431 when an
     incomplete head outgrew `max_incomplete_event_size`; every other hint becomes 400. h11 hints
-    501 for a transfer coding other than chunked; RFC 9112 §6.3 asks for 400 when chunked is not
-    the final coding, and a proxy that cannot read the body cannot forward it either, so one
-    status covers every Transfer-Encoding refusal.
+    501 for any transfer coding other than one chunked, but the driver's `RequestHeadReader`
+    has already answered those (400 or 501, `check_request_codings`) or made them readable;
+    a 501 hint that still gets here is refused as malformed.
     """
     hint = getattr(exc, "error_status_hint", 400)
     status = 431 if hint == 431 else 400
@@ -219,36 +232,106 @@ def _h11_summary(exc: BaseException) -> str:
 
 # -- request framing ---------------------------------------------------------------------------
 
-_SUPPORTED_VERSIONS = frozenset({b"1.0", b"1.1"})
+_SUPPORTED_MAJOR = b"1."
 
 
-def check_request(request: h11.Request) -> None:
-    """Every check on a parsed request head that does not need configuration."""
-    if request.http_version not in _SUPPORTED_VERSIONS:
+@dataclass(frozen=True)
+class RequestTarget:
+    """Where a checked request goes, as the upstream is told (`check_request`).
+
+    `target` is what the upstream request line carries: the client's origin-form target as
+    sent, the absolute-form rewritten to origin-form (RFC 9112 §3.2.2), or ``*``. `authority`
+    is set for an absolute-form target: it replaces the client's Host upstream (a proxy "MUST
+    generate a new Host field value based on the received request-target").
+    """
+
+    target: bytes
+    authority: bytes | None = None
+
+
+def check_request(request: h11.Request) -> RequestTarget:
+    """Every check on a parsed request head that does not need configuration; returns where
+    the request goes. Raises `HttpError` (400, 405, 501, 505)."""
+    version = request.http_version
+    if not version.startswith(_SUPPORTED_MAJOR):
         # h11 parses any HTTP/d.d; a 2.0 or 0.9 head on this port is not one we can relay.
-        raise HttpError(505, f"HTTP/{request.http_version.decode('ascii', 'replace')} request")
-    check_request_framing(request.headers, http_version=request.http_version)
+        # A higher 1.x minor is read as 1.1 (RFC 9110 §2.5), see `effective_http_version`.
+        raise HttpError(505, f"HTTP/{version.decode('ascii', 'replace')} request")
+    check_request_framing(request.headers, http_version=version)
+    check_field_values(request.headers)
+    check_host(request)
+    return parse_request_target(request.method, request.target)
+
+
+def effective_http_version(version: bytes) -> bytes:
+    """The version a checked request is handled as: "1.0", or "1.1" for every higher 1.x.
+
+    RFC 9110 §2.5: a recipient SHOULD process a message with a higher minor version "as if it
+    were in the highest minor version within that major version to which the recipient is
+    conformant"; h11 already treats HTTP/1.2 as keep-alive, like 1.1.
+    """
+    return b"1.0" if version == b"1.0" else b"1.1"
+
+
+# -- transfer codings (RFC 9112 §6.1, §7) ------------------------------------------------------
+
+# The IANA HTTP Transfer Coding Registry (RFC 9112 §7, §18.4). Anything else is "a transfer
+# coding it does not understand" (RFC 9112 §6.1): 501.
+KNOWN_TRANSFER_CODINGS = frozenset(
+    {b"chunked", b"compress", b"deflate", b"gzip", b"x-compress", b"x-gzip"}
+)
+
+
+def transfer_codings(values: Iterable[bytes]) -> list[bytes]:
+    """The codings of Transfer-Encoding field values, in order, lowercased, with empty list
+    elements dropped (RFC 9110 §5.6.1: a recipient MUST accept and ignore them). Parameters
+    stay on their coding (``chunked;x=1`` is not ``chunked``)."""
+    return [
+        coding
+        for value in values
+        for coding in (part.strip(b" \t").lower() for part in value.split(b","))
+        if coding
+    ]
+
+
+def check_request_codings(codings: list[bytes]) -> None:
+    """Refuse a request's Transfer-Encoding unless it is exactly one chunked.
+
+    In this order, so that every refusal closes the connection with the most specific status:
+    a coding outside the registry, or one with parameters (no registered coding takes any),
+    is 501 (RFC 9112 §6.1); chunked not the final coding, twice, or no coding at all is 400
+    (RFC 9112 §6.3 (4): the length "cannot be determined reliably", MUST 400; §7.1: chunked
+    MUST NOT be applied more than once); a registered coding under a final chunked
+    (``gzip, chunked``) is legal HTTP that h11 cannot relay: 501.
+    """
+    for coding in codings:
+        if coding not in KNOWN_TRANSFER_CODINGS:
+            raise HttpError(501, f"unknown transfer coding {_printable(coding[:40])}")
+    if not codings or codings[-1] != b"chunked":
+        _bad_request("Transfer-Encoding whose final coding is not chunked")
+    if codings.count(b"chunked") > 1:
+        _bad_request("chunked applied more than once")
+    if codings != [b"chunked"]:
+        raise HttpError(501, "transfer coding other than chunked")
 
 
 def check_request_framing(headers: Iterable[Header], *, http_version: bytes = b"1.1") -> None:
     """Refuse a request whose body length two parsers could read differently (RFC 9112 §6.3).
 
     Works on raw header lists (any case, unvalidated values) as well as on h11's parsed ones,
-    where h11 has already refused some of these cases itself.
+    where h11 has already refused some of these cases itself. Raises 400, or 501 for a
+    transfer coding that is unknown or not relayable (`check_request_codings`).
     """
     lengths: list[bytes] = []
-    codings: list[bytes] = []
-    has_te = False
+    te_values: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-length":
             lengths.extend(part.strip(b" \t") for part in value.split(b","))
         elif lname == b"transfer-encoding":
-            has_te = True
-            # Empty list elements are legal and ignored (RFC 9110 §5.6.1).
-            codings.extend(c for c in (p.strip(b" \t").lower() for p in value.split(b",")) if c)
+            te_values.append(value)
 
-    if has_te:
+    if te_values:
         if http_version < b"1.1":
             # RFC 9112 §6.1: an HTTP/1.0 recipient MUST treat such framing as faulty.
             _bad_request("Transfer-Encoding in an HTTP/1.0 request")
@@ -257,13 +340,7 @@ def check_request_framing(headers: Iterable[Header], *, http_version: bytes = b"
             # silently, and an upstream or cache that obeyed Content-Length instead would see
             # a second request hidden in the body. Refuse.
             _bad_request("Transfer-Encoding together with Content-Length")
-        if not codings or codings[-1] != b"chunked":
-            # RFC 9112 §6.3 (4): the body length cannot be determined; MUST answer 400.
-            _bad_request("Transfer-Encoding whose final coding is not chunked")
-        if codings != [b"chunked"]:
-            # gzip, chunked is legal HTTP, but h11 decodes chunked only, and chunked twice is
-            # forbidden (RFC 9112 §7): refuse what we cannot relay faithfully.
-            _bad_request("Transfer-Encoding other than a single chunked")
+        check_request_codings(transfer_codings(te_values))
         return
 
     for length in lengths:
@@ -279,6 +356,304 @@ def check_request_framing(headers: Iterable[Header], *, http_version: bytes = b"
 def _bad_request(reason: str) -> None:
     # Our own wording, safe to show the client: it helps whoever debugs a broken client.
     raise HttpError(400, reason, message=f"Bad request framing: {reason}.")
+
+
+# -- field values, Host, request target ---------------------------------------------------------
+
+# RFC 9110 §5.5: a field value is VCHAR, obs-text, SP and HTAB. h11 refuses NUL, CR, LF, VT and
+# FF, and lets the other controls through (h11 issue 57: some cookies carry \x01); a control
+# byte in a value is how a log line, a terminal or a gateway that reads it as a separator is
+# fooled, so every one of them but HTAB is refused here.
+_CONTROL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_field_values(headers: Iterable[Header]) -> None:
+    for name, value in headers:
+        if _CONTROL_IN_VALUE.search(value):
+            raise HttpError(
+                400,
+                f"control character in the value of {_printable(name[:40])}",
+                message="A header field value holds a control character.",
+            )
+
+
+# RFC 3986 §3.2.2 reg-name: unreserved / pct-encoded / sub-delims, without ",": a comma makes a
+# Host (and the X-Forwarded-Host copied from it) a list to every recipient that splits field
+# values on it (RFC 9110 §5.3), so "a.test,b.test" would name two hosts at once. Empty is
+# refused: an http(s) URI MUST NOT have an empty host (RFC 9110 §4.2.1, §4.2.2).
+_REG_NAME = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+;=]|%[0-9A-Fa-f]{2})+")
+# RFC 3986 §3.2.2 IPvFuture.
+_IPV_FUTURE = re.compile(rb"[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+")
+_MAX_PORT = 65535
+
+
+def valid_authority(value: bytes) -> bool:
+    """Whether `value` is ``uri-host [ ":" port ]`` (RFC 9110 §7.2, RFC 3986 §3.2.2-3): a
+    reg-name, IPv4 address or IP-literal, and a port of at most 65535. No userinfo: "@" is in
+    no host form."""
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        if end < 0:
+            return False
+        literal, rest = value[1:end], value[end + 1 :]
+        if not (_IPV_FUTURE.fullmatch(literal) or _is_ipv6(literal)):
+            return False
+    else:
+        host, colon, port = value.partition(b":")
+        if not _REG_NAME.fullmatch(host):
+            return False
+        rest = colon + port
+    if not rest:
+        return True
+    port = rest[1:]
+    # port = *DIGIT (RFC 3986 §3.2.3): empty is the scheme's default.
+    return rest[:1] == b":" and (not port or (port.isdigit() and int(port[:6]) <= _MAX_PORT))
+
+
+def _is_ipv6(literal: bytes) -> bool:
+    # ipaddress accepts a zone ("fe80::1%eth0"), which a URI writes only as "%25" (RFC 6874)
+    # and a Host header never needs.
+    if b"%" in literal or not literal.isascii():
+        return False
+    try:
+        ipaddress.IPv6Address(literal.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(request: h11.Request) -> None:
+    """RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host, for more than one Host field
+    line, and for a Host that is not ``uri-host [":" port]``. HTTP/1.0 may omit it (and an
+    empty one there is read as absent); the driver then supplies one."""
+    hosts = [value for name, value in request.headers if name == b"host"]
+    if len(hosts) > 1:
+        raise HttpError(400, "more than one Host field", message="The request has two Hosts.")
+    if not hosts or (not hosts[0] and request.http_version == b"1.0"):
+        if request.http_version != b"1.0":
+            raise HttpError(400, "request without Host", message="The request has no Host.")
+        return
+    if not valid_authority(hosts[0]):
+        raise HttpError(
+            400,
+            f"invalid Host {_printable(hosts[0][:80])}",
+            message="The Host header is not a valid host[:port].",
+        )
+
+
+# The methods named in the Allow field of a 405 (RFC 9110 §15.5.6: the origin "MUST generate
+# an Allow header field"): the RFC 9110 §9.3 methods and PATCH (RFC 5789), all but CONNECT,
+# which pqproxy never tunnels. Other extension methods are forwarded too, but Allow cannot say
+# "anything else".
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
+_DOT_SEGMENT_ALIASES = re.compile(rb"%2[eE]")
+_SEPARATOR_ALIASES = re.compile(rb"%2[fF]|%5[cC]|\\")
+
+
+def parse_request_target(method: bytes, target: bytes) -> RequestTarget:
+    """The four target forms of RFC 9112 §3.2, each only where its method allows it.
+
+    origin-form (``/path?query``) for every method; absolute-form (``http://host/path``)
+    rewritten to origin-form with its authority as the new Host, userinfo refused (RFC 9110
+    §4.2.4) and only http/https; asterisk-form (``*``) only for OPTIONS; authority-form
+    (``host:port``) only for CONNECT, which is 405 here. Anything else is 400.
+    """
+    if method == b"CONNECT":
+        raise HttpError(
+            405,
+            "CONNECT is not proxied",
+            message="CONNECT is not supported.",
+            headers=[(b"allow", ALLOWED_METHODS)],
+        )
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise _bad_target("asterisk-form target on a method other than OPTIONS")
+        return RequestTarget(b"*")
+    if target.startswith(b"/"):
+        check_path(target)
+        return RequestTarget(target)
+    scheme = _SCHEME.match(target)
+    if scheme is None:
+        raise _bad_target("request target is not origin-form (must start with /)")
+    rest = target[scheme.end() :]
+    if scheme.group().lower() not in (b"http:", b"https:") or not rest.startswith(b"//"):
+        # "api.test:443" reads as scheme "api.test": authority-form, for CONNECT only.
+        raise _bad_target("request target is neither origin-form nor an http(s) URI")
+    rest = rest[2:]
+    end = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        found = rest.find(delimiter)
+        if 0 <= found < end:
+            end = found
+    authority, path = rest[:end], rest[end:]
+    if b"@" in authority:
+        # Userinfo is deprecated (RFC 9110 §4.2.4) and may be a password: never forwarded.
+        raise _bad_target("userinfo in the request target")
+    if not valid_authority(authority):
+        raise _bad_target("absolute-form target without a valid host[:port]")
+    if not path.startswith(b"/"):
+        # RFC 9112 §3.2.1: an empty path is sent as "/"; §3.2.4: OPTIONS to a bare authority
+        # is the asterisk-form once it reaches the origin.
+        if method == b"OPTIONS" and not path:
+            return RequestTarget(b"*", authority)
+        path = b"/" + path
+    check_path(path)
+    return RequestTarget(path, authority)
+
+
+def check_path(target: bytes) -> None:
+    """400 for a path that climbs above the root once dot segments are removed (RFC 3986
+    §5.2.4).
+
+    The check is stricter than the algorithm, so that no upstream reading of the path climbs
+    either: ``%2e`` counts as ".", ``%2f``, ``%5c`` and "\\\\" as "/" (servers that decode
+    before they resolve), ";params" are ignored in a segment (``..;`` is ".." to a Servlet
+    container), and empty segments do not count as depth (servers that merge slashes).
+
+    Only checked: the target is forwarded as the client sent it, dot segments included, as
+    nginx does for a ``proxy_pass`` without a URI. pqproxy makes no decision on the path, so
+    normalising would protect nothing, and would break whatever an upstream computes over the
+    exact target (a signature, a cache key, a path that really holds "." segments).
+    """
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    path = _SEPARATOR_ALIASES.sub(b"/", _DOT_SEGMENT_ALIASES.sub(b".", path))
+    depth = 0
+    for segment in path.split(b"/")[1:]:
+        name = segment.split(b";", 1)[0]
+        if name == b"..":
+            if depth == 0:
+                raise _bad_target("path climbs above the root")
+            depth -= 1
+        elif name not in (b"", b"."):
+            depth += 1
+
+
+def _bad_target(reason: str) -> HttpError:
+    return HttpError(400, reason, message=f"Bad request target: {reason}.")
+
+
+def forwarded_request_fields(request: h11.Request, *, expect_answered: bool) -> HeaderList:
+    """The client's fields the upstream request is built from (`upstream_request_headers`).
+
+    Expect goes when the request is HTTP/1.0 (RFC 9110 §10.1.1: a server MUST ignore a
+    100-continue expectation there, and the proxy never sends a 1xx to a 1.0 client), and when
+    the proxy has answered it itself (`expect_answered`: it reads the body before the upstream
+    hears of the request).
+    """
+    if request.http_version == b"1.0" or expect_answered:
+        return [(name, value) for name, value in request.headers if name != b"expect"]
+    return list(request.headers)
+
+
+# -- the request head before h11 ----------------------------------------------------------------
+
+# Where h11 ends a head (h11/_receivebuffer.py): a line feed, an optional CR, a line feed.
+_HEAD_END = re.compile(rb"\n\r?\n")
+# Method, spaces and "HTTP/1.1\r\n" beside the target on a request line.
+_REQUEST_LINE_SLACK = 64
+
+
+class RequestHeadReader:
+    """Holds a client's bytes until one request head is complete, then gives the head to h11
+    with its Transfer-Encoding made readable.
+
+    h11 refuses every Transfer-Encoding but one exact "chunked" with the same error, so it can
+    neither accept ``chunked, ,`` (legal, RFC 9110 §5.6.1) nor tell ``chunked, gzip`` (400)
+    from ``foo`` (501); and it answers a request line longer than its buffer like any large
+    head, where RFC 9112 §3 asks for 414. Here the Transfer-Encoding lines are read as h11
+    would split and unfold them (`check_request_codings` decides), and replaced by one
+    ``Transfer-Encoding: chunked`` line when their codings are exactly that; every other
+    byte goes to h11 unchanged, which then parses and validates the head as always.
+    """
+
+    def __init__(self, limits: HeaderLimits) -> None:
+        self._limits = limits
+        self._data = bytearray()
+        self._searched = 0
+        self._line_searched = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def receive(self, data: bytes) -> None:
+        self._data += data
+
+    def next_head(self) -> tuple[bytes, bytes] | None:
+        """``(head, rest)`` once a whole head is held: the head to give h11, and the bytes
+        after it (a body, the next request). None until then. Raises `HttpError` (400 for an
+        illegal request line, 414, 431, and as `check_request_codings`)."""
+        data = self._data
+        # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request line
+        # (an old client's CRLF after a POST body).
+        while data[:1] == b"\n" or data[:2] == b"\r\n":
+            del data[: 1 if data[:1] == b"\n" else 2]
+            self._searched = self._line_searched = 0
+        if not data or data == b"\r":
+            return None
+        if data[0] < 0x21:
+            # As h11 does: a TLS ClientHello on this port, or any binary, fails at once.
+            raise HttpError(400, "illegal request line")
+        match = _HEAD_END.search(data, max(0, self._searched - 2))
+        if match is None:
+            self._searched = len(data)
+            self._check_incomplete()
+            return None
+        end = match.end()
+        head, rest = bytes(data[:end]), bytes(data[end:])
+        data.clear()
+        self._searched = self._line_searched = 0
+        return _readable_transfer_encoding(head), rest
+
+    def _check_incomplete(self) -> None:
+        data, limits = self._data, self._limits
+        if self._line_searched >= 0:
+            if data.find(b"\n", self._line_searched) >= 0:
+                self._line_searched = -1  # the request line is complete
+            else:
+                self._line_searched = len(data)
+                line_cap = min(
+                    limits.max_header_bytes, limits.max_target_bytes + _REQUEST_LINE_SLACK
+                )
+                if len(data) > line_cap:
+                    if b" " in data[:_REQUEST_LINE_SLACK]:
+                        raise HttpError(414, f"request line over {line_cap} bytes")
+                    raise HttpError(400, "illegal request line")
+        if len(data) > limits.max_header_bytes:
+            raise HttpError(431, f"request head over {limits.max_header_bytes} bytes")
+
+
+def _readable_transfer_encoding(head: bytes) -> bytes:
+    """`head` with its Transfer-Encoding lines replaced by one ``chunked`` line, or unchanged
+    when it has none. Raises as `check_request_codings` for any other codings."""
+    lines = head.split(b"\n")
+    # h11 drops one CR before each LF; the last two "lines" are the blank line's.
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines][:-2]
+    te_at: int | None = None
+    values: list[bytes] = []
+    kept: list[bytes] = []
+    in_te = False
+    for index, line in enumerate(lines):
+        if index and line[:1] in (b" ", b"\t"):
+            # obs-fold: h11 joins it to the line before with one space (RFC 9112 §5.2).
+            if in_te:
+                values[-1] += b" " + line.lstrip(b" \t")
+                continue
+        else:
+            # Only a line h11 reads as a field: "name:" with nothing between name and colon.
+            name, colon, value = line.partition(b":")
+            in_te = index > 0 and bool(colon) and name.lower() == b"transfer-encoding"
+            if in_te:
+                if te_at is None:
+                    te_at = len(kept)
+                values.append(value.strip(b" \t"))
+                continue
+        kept.append(line)
+    if te_at is None:
+        return head
+    check_request_codings(transfer_codings(values))
+    kept.insert(te_at, b"Transfer-Encoding: chunked")
+    return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
 def declared_content_length(headers: Iterable[Header]) -> int | None:
@@ -299,6 +674,123 @@ def body_too_large(headers: Iterable[Header], max_body_bytes: int) -> bool:
     """
     length = declared_content_length(headers)
     return length is not None and length > max_body_bytes
+
+
+# 16 hex digits hold any 64-bit size; a longer chunk-size line is padding or an attack on a
+# parser that overflows (h11 reads up to 20 digits into a Python int).
+MAX_CHUNK_SIZE_DIGITS = 16
+_HEX_VALUES = {b: int(chr(b), 16) for b in b"0123456789abcdefABCDEF"}
+
+
+class ChunkedBodyGuard:
+    """Reads the chunk-size lines of a chunked request body (RFC 9112 §7.1) as the bytes
+    arrive, before h11 sees them, so that a chunk is judged by its declared size:
+
+    - a size line with more than `MAX_CHUNK_SIZE_DIGITS` hex digits -> 400;
+    - a chunk whose declared size takes the body past ``max_body_bytes`` -> 413 at once,
+      instead of forwarding it until the count runs over (or waiting for 10^16 bytes).
+
+    Feed it exactly the bytes h11 is fed, in order, starting at the first byte of the body;
+    `peek` reads bytes already received but not yet fed to h11 (the check runs at once, and
+    `feed` skips them when they come through). It follows h11's framing
+    (a size line ends at CRLF; chunk data is followed by two bytes h11 checks); on anything
+    it does not recognise it stops and leaves the refusal to h11. It stops at the last
+    chunk: the trailer section and any pipelined request after it are h11's.
+    """
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self._limit = max_body_bytes
+        self._declared = 0
+        self._state = "size"  # size | line | data | crlf | done
+        self._digits = 0
+        self._size = 0
+        self._remaining = 0
+        self._after_cr = False
+        self._ahead = 0  # bytes peeked at that feed has not been given yet
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def peek(self, data: bytes) -> None:
+        """Check bytes that will be fed later (the same bytes, in the same order)."""
+        self._scan(data)
+        self._ahead += len(data)
+
+    def feed(self, data: bytes) -> None:
+        if self._ahead:
+            skipped = min(self._ahead, len(data))
+            self._ahead -= skipped
+            data = data[skipped:]
+        self._scan(data)
+
+    def _scan(self, data: bytes) -> None:
+        i, end = 0, len(data)
+        while i < end and self._state != "done":
+            if self._state == "data":
+                taken = min(self._remaining, end - i)
+                i += taken
+                self._remaining -= taken
+                if not self._remaining:
+                    self._state, self._remaining = "crlf", 2
+            elif self._state == "crlf":
+                taken = min(self._remaining, end - i)
+                i += taken
+                self._remaining -= taken
+                if not self._remaining:
+                    self._state, self._digits, self._size = "size", 0, 0
+            elif self._state == "size":
+                value = _HEX_VALUES.get(data[i])
+                if value is None:
+                    # The digits ended: what follows up to CRLF (extensions, OWS) is h11's.
+                    self._state = "line" if self._digits else "done"
+                    continue
+                i += 1
+                self._digits += 1
+                if self._digits > MAX_CHUNK_SIZE_DIGITS:
+                    raise HttpError(
+                        400,
+                        f"chunk-size line longer than {MAX_CHUNK_SIZE_DIGITS} hex digits",
+                        message="Bad request framing: chunk size too long.",
+                    )
+                self._size = self._size * 16 + value
+                if self._declared + self._size > self._limit:
+                    # More digits only make it larger: refuse before the data is awaited.
+                    raise HttpError(
+                        413, f"declared chunk size takes the body past {self._limit} bytes"
+                    )
+            else:  # "line": skip to the CRLF that ends the size line
+                if self._after_cr:
+                    self._after_cr = False
+                    if data[i] == 0x0A:  # the CRLF was split between two reads
+                        i += 1
+                        self._line_done()
+                        continue
+                found = data.find(b"\r\n", i)
+                if found < 0:
+                    self._after_cr = data[end - 1] == 0x0D
+                    i = end
+                else:
+                    i = found + 2
+                    self._line_done()
+
+    def _line_done(self) -> None:
+        self._after_cr = False
+        if self._size == 0:
+            self._state = "done"  # the last chunk: trailers follow
+        else:
+            self._declared += self._size
+            self._state, self._remaining = "data", self._size
+
+
+# RFC 9110 §9.2.2: methods whose repetition has the same effect as one request. Only these
+# are sent again automatically (RFC 9112 §9.3.1); an inference POST costs real GPU time.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def is_idempotent(method: bytes) -> bool:
+    """Whether a request may be retried automatically (methods are case-sensitive)."""
+    return method in IDEMPOTENT_METHODS
 
 
 def expects_continue(request: h11.Request) -> bool:
@@ -324,6 +816,10 @@ def expects_continue(request: h11.Request) -> bool:
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 # Apache's LimitRequestFields: more fields than this is an attack or a bug, not a client.
 DEFAULT_MAX_HEADER_COUNT = 100
+# The longest request target: nginx's large_client_header_buffers (8k for one request line)
+# and Apache's LimitRequestLine (8190). Past it the answer is 414 (RFC 9112 §3: a server that
+# receives a request-target longer than any URI it wishes to parse MUST respond 414).
+DEFAULT_MAX_TARGET_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -333,22 +829,30 @@ class HeaderLimits:
     h11 enforces `max_header_bytes` only on a head that is still incomplete, which is why
     `check_head` exists: a head that arrives whole in one read is returned by h11 whatever its
     size. The driver must call `next_event()` after every `receive_data()`, so that the buffer
-    never holds more than one read beyond the cap.
+    never holds more than one read beyond the cap. `RequestHeadReader` applies the same caps
+    (and 414 for the request line) to a head before h11 sees it.
     """
 
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES
 
     def __post_init__(self) -> None:
         if self.max_header_bytes < 64:
             raise ValueError(f"max_header_bytes must be at least 64, not {self.max_header_bytes}")
         if self.max_header_count < 1:
             raise ValueError(f"max_header_count must be at least 1, not {self.max_header_count}")
+        if self.max_target_bytes < 1:
+            raise ValueError(f"max_target_bytes must be at least 1, not {self.max_target_bytes}")
 
     def server_connection(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
 
     def check_head(self, request: h11.Request) -> None:
+        if len(request.target) > self.max_target_bytes:
+            raise HttpError(
+                414, f"request target of {len(request.target)} bytes > {self.max_target_bytes}"
+            )
         size = head_size(request)
         if size > self.max_header_bytes:
             raise HttpError(431, f"request head of {size} bytes > {self.max_header_bytes}")
@@ -659,6 +1163,17 @@ def upstream_request_headers(
     return out
 
 
+class UnderscoreHeaderRefused(HttpError):
+    """400 under ``underscore_headers: reject`` (its own type, for the metric)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            400,
+            "header name with an underscore (underscore_headers: reject)",
+            message="Header names with underscores are not accepted.",
+        )
+
+
 @dataclass(frozen=True)
 class _Filtered:
     kept: HeaderList
@@ -673,11 +1188,7 @@ def _underscore_policy(fields: HeaderList, options: ForwardingOptions) -> _Filte
         if b"_" not in name:
             kept.append((name, value))
         elif policy is UnderscoreHeaders.REJECT:
-            raise HttpError(
-                400,
-                "header name with an underscore (underscore_headers: reject)",
-                message="Header names with underscores are not accepted.",
-            )
+            raise UnderscoreHeaderRefused()
         elif policy is UnderscoreHeaders.ALLOW and not proxy_owned(
             normalize_field_name(name), options
         ):
@@ -842,6 +1353,229 @@ def downstream_response_headers(
     return out
 
 
+# What `UpstreamResponseParser` decodes, as zlib's wbits: 31 the gzip wrapper (RFC 1952), 15
+# the zlib wrapper, which is what "deflate" means in HTTP (RFC 9112 §7.2, RFC 1950).
+_DECODABLE_CODINGS: dict[bytes, int] = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}
+# The most decoded bytes one Data event carries: a small compressed body may expand a
+# thousandfold, and the relay writes (and waits for the client to drain) between events.
+DECODED_PIECE_BYTES = 64 * 1024
+_STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] ([0-9]{3})")
+
+
+class UpstreamResponseParser(h11.Connection):
+    """An h11 CLIENT connection for one exchange with the upstream, which also reads the
+    response framings h11 refuses or misreads. Each final response head passes through here
+    before h11 parses it (1xx heads go unchanged); every other byte is h11's as always.
+
+    - ``Transfer-Encoding`` without a final chunked (``gzip``): RFC 9112 §6.3 (4), the body
+      lasts until the upstream closes; any Content-Length is ignored. h11 reads a response
+      with neither field until close, so both go, and ``Connection: close`` is added.
+    - A coding under the final chunked (``gzip, chunked``): h11 reads the chunks.
+    - Either way the one coding (gzip, x-gzip or deflate) is decoded here: a transfer coding
+      belongs to the hop (RFC 9112 §7), and the client gets the body chunked (HTTP/1.1) or
+      close-delimited (HTTP/1.0), its length unknown. Another coding, two of them, or chunked
+      anywhere but last cannot be relayed faithfully: 502.
+    - A 204 loses its Content-Length (RFC 9110 §8.6: a server MUST NOT send one) and a 204 or
+      304 its Transfer-Encoding (neither has content, RFC 9110 §15.3.5, §15.4.5); a 304 keeps
+      its Content-Length, which RFC 9110 §8.6 lets it send for the selected representation.
+      When the upstream announced a body there (chunked, or a 204 with a length), the
+      connection is read as ``Connection: close``: whatever body bytes follow are never read as
+      the next response on a reused connection.
+
+    Errors are `h11.RemoteProtocolError` (hint 502), as for anything else h11 refuses.
+    """
+
+    def __init__(self, max_head: int) -> None:
+        super().__init__(h11.CLIENT, max_incomplete_event_size=max_head)
+        self._max_head = max_head
+        self._pending = bytearray()
+        self._searched = 0
+        self._passthrough = False
+        self._decoder: _TransferDecoder | None = None
+        self._held_end: h11.EndOfMessage | None = None
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        data, closed = super().trailing_data
+        return data + bytes(self._pending), closed
+
+    def receive_data(self, data: bytes) -> None:
+        if self._passthrough:
+            super().receive_data(data)
+            return
+        if not data:
+            # The upstream closed inside a head: h11 gets what there is and says so.
+            held = bytes(self._pending)
+            self._pending.clear()
+            self._passthrough = True
+            if held:
+                super().receive_data(held)
+            super().receive_data(b"")
+            return
+        self._pending += data
+        out = bytearray()
+        while not self._passthrough:
+            match = _HEAD_END.search(self._pending, max(0, self._searched - 2))
+            if match is None:
+                self._searched = len(self._pending)
+                if len(self._pending) > self._max_head:
+                    # h11's own cap (max_incomplete_event_size) refuses it.
+                    out += self._pending
+                    self._pending.clear()
+                    self._passthrough = True
+                break
+            head = bytes(self._pending[: match.end()])
+            del self._pending[: match.end()]
+            self._searched = 0
+            status = _STATUS_LINE.match(head)
+            if status is not None and status.group(1).startswith(b"1"):
+                out += head
+                continue
+            out += self._final_head(head, int(status.group(1))) if status is not None else head
+            out += self._pending
+            self._pending.clear()
+            self._passthrough = True
+        if out:
+            super().receive_data(bytes(out))
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            decoder = self._decoder
+            if decoder is not None and decoder.has_input:
+                piece = decoder.decode()
+                if piece:
+                    return h11.Data(data=piece)
+                continue
+            if self._held_end is not None:
+                end, self._held_end = self._held_end, None
+                return end
+            event = super().next_event()
+            if decoder is None:
+                return event
+            if isinstance(event, h11.Data):
+                decoder.feed(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                tail = decoder.finish()
+                self._decoder = None
+                self._held_end = event
+                if tail:
+                    return h11.Data(data=tail)
+            else:
+                return event
+
+    def _final_head(self, head: bytes, status: int) -> bytes:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")][:-2]
+        fields = _head_fields(lines)
+        te = [value for name, value, _ in fields if name == b"transfer-encoding"]
+        lengths = [value for name, value, _ in fields if name == b"content-length"]
+        drop = {b"transfer-encoding"}
+        framing: bytes | None = None
+        close = False
+        if status in (204, 304):
+            if status == 204:
+                drop.add(b"content-length")
+            close = bool(te) or (status == 204 and any(v.strip(b" \t") != b"0" for v in lengths))
+            if not te and not (status == 204 and lengths):
+                return head
+        elif not te:
+            return head
+        else:
+            codings = transfer_codings(te)
+            under = codings[:-1] if codings and codings[-1] == b"chunked" else codings
+            if len(under) < len(codings):
+                framing = b"Transfer-Encoding: chunked"
+            else:
+                close = True  # RFC 9112 §6.3 (4): read until the connection closes
+            if b"chunked" in under or len(under) > 1:
+                raise h11.RemoteProtocolError(
+                    "unrelayable transfer codings (chunked not last, or stacked)",
+                    error_status_hint=502,
+                )
+            if under:
+                if under[0] not in _DECODABLE_CODINGS:
+                    raise h11.RemoteProtocolError(
+                        "transfer coding pqproxy cannot decode", error_status_hint=502
+                    )
+                self._decoder = _TransferDecoder(_DECODABLE_CODINGS[under[0]])
+            drop.add(b"content-length")  # RFC 9112 §6.3 (3): Transfer-Encoding overrides it
+        kept = [lines[0]]
+        for name, _value, raw in fields:
+            if name in drop:
+                if framing is not None:
+                    kept.append(framing)
+                    framing = None
+            else:
+                kept.extend(raw)
+        if close:
+            kept.append(b"Connection: close")
+        return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+def _head_fields(lines: list[bytes]) -> list[tuple[bytes, bytes, list[bytes]]]:
+    """``(lowercased name, unfolded value, raw lines)`` of each field after the start line, as
+    h11 splits and unfolds them (RFC 9112 §5.2). A line h11 would refuse keeps its raw bytes
+    under the name b"" so that h11 still sees (and refuses) it."""
+    fields: list[tuple[bytes, bytes, list[bytes]]] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value, raw = fields[-1]
+            fields[-1] = (name, value + b" " + line.lstrip(b" \t"), [*raw, line])
+            continue
+        name, colon, value = line.partition(b":")
+        fields.append((name.lower() if colon else b"", value.strip(b" \t"), [line]))
+    return fields
+
+
+class _TransferDecoder:
+    """One gzip or deflate transfer coding, decoded in bounded pieces."""
+
+    def __init__(self, wbits: int) -> None:
+        self._wbits = wbits
+        self._zlib = zlib.decompressobj(wbits)
+        self._input = b""
+        self._fed = False
+
+    @property
+    def has_input(self) -> bool:
+        return bool(self._input)
+
+    def feed(self, data: bytes) -> None:
+        self._input += data
+        self._fed = self._fed or bool(data)
+
+    def decode(self) -> bytes:
+        """At most DECODED_PIECE_BYTES of output; call while `has_input`."""
+        try:
+            if self._zlib.eof:
+                # RFC 1952 §2.2: a gzip body may hold several members, one after another.
+                if self._wbits != 31:
+                    raise h11.RemoteProtocolError(
+                        "bytes after the end of a deflate body", error_status_hint=502
+                    )
+                self._zlib = zlib.decompressobj(self._wbits)
+            out = self._zlib.decompress(self._input, DECODED_PIECE_BYTES)
+        except zlib.error:
+            raise h11.RemoteProtocolError(
+                "corrupt transfer-coded body", error_status_hint=502
+            ) from None
+        self._input = self._zlib.unconsumed_tail or self._zlib.unused_data
+        return out
+
+    def finish(self) -> bytes:
+        """The body ended: what zlib still holds (output it could not return under the
+        piece cap), after refusing a coded stream cut short (a truncated body must not look
+        complete to the client)."""
+        try:
+            tail = self._zlib.flush()
+        except zlib.error:
+            raise h11.RemoteProtocolError(
+                "corrupt transfer-coded body", error_status_hint=502
+            ) from None
+        if self._fed and not self._zlib.eof:
+            raise h11.RemoteProtocolError("transfer-coded body cut short", error_status_hint=502)
+        return tail
+
+
 def is_event_stream(headers: Iterable[Header]) -> bool:
     """True for a Server-Sent Events response (`text/event-stream`, any parameters).
 
@@ -872,5 +1606,5 @@ def request_summary(request: h11.Request) -> str:
     if scheme_end > 0 and not target.startswith(b"/"):
         path_start = target.find(b"/", scheme_end + 3)
         target = target[path_start:] if path_start >= 0 else b"/"
-    line = f"{printable(request.method)} {printable(target)}"
+    line = f"{_printable(request.method)} {_printable(target)}"
     return line[:_MAX_SUMMARY_CHARS]

@@ -57,6 +57,9 @@ class ClientHello:
     # the second ClientHello with the first byte for byte, not field by field.
     extensions: tuple[tuple[int, bytes], ...]
     legacy_version: int = 0x0303
+    # Judged by the server once the version is known (§4.1.2): a TLS 1.2 ClientHello may
+    # offer other methods and is refused for its version, not for its compression.
+    legacy_compression_methods: bytes = b"\x00"
     server_name: str | None = None
     supported_versions: tuple[int, ...] | None = None
     supported_groups: tuple[int, ...] | None = None
@@ -169,9 +172,6 @@ def pull_client_hello(body: bytes) -> ClientHello:
     session_id = buf.pull_vector(1, maximum=32)
     suites = pull_uint16_list(buf.pull_vector(2, minimum=2), "cipher_suites")
     compression = buf.pull_vector(1, minimum=1)
-    # RFC 8446 §4.1.2: a TLS 1.3 ClientHello carries exactly one "null" method.
-    if compression != b"\x00":
-        raise IllegalParameter("legacy_compression_methods is not [null]")
     fields: dict[str, object] = {}
     extensions: list[tuple[int, bytes]] = []
     seen: set[int] = set()
@@ -196,6 +196,7 @@ def pull_client_hello(body: bytes) -> ClientHello:
         cipher_suites=suites,
         extensions=tuple(extensions),
         legacy_version=legacy_version,
+        legacy_compression_methods=compression,
         **fields,  # type: ignore[arg-type]
     )
 
@@ -283,7 +284,13 @@ def retry_hello_change(first: ClientHello, second: ClientHello) -> str | None:
     extension order, so that nothing the server chose from the first ClientHello (name,
     ALPN, certificate, suite, group) can be swapped under it.
     """
-    for field_name in ("legacy_version", "random", "legacy_session_id", "cipher_suites"):
+    for field_name in (
+        "legacy_version",
+        "random",
+        "legacy_session_id",
+        "cipher_suites",
+        "legacy_compression_methods",
+    ):
         if getattr(first, field_name) != getattr(second, field_name):
             return f"{field_name} changed"
     if second.early_data:

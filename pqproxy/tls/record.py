@@ -9,6 +9,8 @@ Rules enforced here, each with the alert RFC 8446 names for it:
 - A zero-length handshake or alert fragment is ``unexpected_message``: §5.1 forbids
   sending them without naming an alert, and a record that may not be sent is an
   unexpected record (Go's crypto/tls answers the same way).
+- A protected record too long to decrypt to at most 2^14 + 1 bytes is ``record_overflow``
+  before any AEAD work (§5.2, §5.4): the tag cannot make it legal.
 - A record that fails AEAD authentication is ``bad_record_mac`` (§5.2), and leaves the
   sequence number where it was: the server's caller may skip it as rejected 0-RTT (§4.2.10).
 - A decrypted TLSInnerPlaintext over 2^14 + 1 bytes is ``record_overflow`` (§5.2).
@@ -124,6 +126,11 @@ class RecordProtection:
             raise alerts.UnexpectedMessage("unprotected record where a protected one is due")
         if len(ciphertext) > MAX_CIPHERTEXT:
             raise alerts.RecordOverflow("protected record longer than 2^14 + 256")
+        if len(ciphertext) - self.params.tag_len > MAX_INNER_PLAINTEXT:
+            # An AEAD's output is its input less the tag: this record can only open to more
+            # than §5.4 allows. Refused before the AEAD work, whatever its tag (tlsfuzzer
+            # expects record_overflow here, not bad_record_mac).
+            raise alerts.RecordOverflow("protected record would decrypt to over 2^14 + 1")
         try:
             inner = self._aead.decrypt(self._nonce(), ciphertext, header)
         except InvalidTag:

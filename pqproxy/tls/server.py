@@ -91,9 +91,12 @@ from .messages import (
     retry_hello_change,
 )
 from .record import (
+    MAX_CIPHERTEXT,
     MAX_PLAINTEXT,
+    RECORD_HEADER,
     RecordProtection,
     RecordReader,
+    encode_header,
     encode_plaintext_records,
     encode_protected_records,
 )
@@ -113,14 +116,27 @@ MAX_CLIENT_HELLO = 1 << 17
 # Every other message the client sends: Finished and KeyUpdate are tiny; client
 # certificates with ML-DSA chains stay well below this.
 MAX_HANDSHAKE_MESSAGE = 1 << 16
-# A real client completes its handshake in a handful of records; this bounds the
-# work a peer can cause with CCS or fragment spam before it has authenticated.
+# A real client completes its handshake in a handful of records; this bounds the work a
+# peer can cause with records that carry no handshake bytes (CCS, alerts, skipped 0-RTT)
+# before it has authenticated.
 MAX_RECORDS_BEFORE_HANDSHAKE_DONE = 1024
+# RFC 8446 §5.1 lets a handshake message be split down to one byte a record (tlsfuzzer and
+# BoGo send 1-byte records); every message is capped in size, and this caps the work per
+# record: 16 KiB of handshake messages in 1-byte records (a ClientHello with several PQ key
+# shares and a client certificate chain) costs the engine a few tens of milliseconds.
+MAX_HANDSHAKE_RECORDS_BEFORE_DONE = 16 * 1024
+# RFC 8446 §5.1 allows zero-length application data records (and §6.1 has user_canceled
+# dropped), but each costs an AEAD open for nothing: a peer sending only those is cut off
+# after a run of this many, as BoringSSL (kMaxEmptyRecords, 32) and Go (16) do. Any record
+# with content starts the count again.
+MAX_CONSECUTIVE_EMPTY_RECORDS = 32
 # RFC 8446 §4.2.10: rejected 0-RTT data is skipped up to a bound of our choosing.
 MAX_SKIPPED_EARLY_DATA = 1 << 16
-# While crypto is being computed the client has nothing legitimate to send but a
-# CCS; cap what we hold for it.
-MAX_BUFFERED_WHILE_WAITING = 1 << 16
+# While crypto is being computed the client may still send its CCS and the 0-RTT
+# records we are going to skip (up to MAX_SKIPPED_EARLY_DATA, §4.2.10), all in the
+# transport read that carried its ClientHello; two maximal records more cover their
+# headers (at most MAX_RECORDS_BEFORE_HANDSHAKE_DONE of them) and one still arriving.
+MAX_BUFFERED_WHILE_WAITING = MAX_SKIPPED_EARLY_DATA + 2 * (RECORD_HEADER + MAX_CIPHERTEXT)
 # RFC 8446 §5.5: AES-GCM is safe for about 2^24.5 full records per key; rotate
 # our sending key well before that.
 KEY_UPDATE_AFTER_RECORDS = 1 << 23
@@ -279,6 +295,9 @@ class ServerConnection:
         self._read_secret = b""
         self._write_secret = b""
         self._records_before_done = 0
+        self._handshake_records = 0
+        # Consecutive records that carried nothing (empty application data, user_canceled).
+        self._empty_records = 0
         self._skip_early_data = False
         self._skipped_early_bytes = 0
         self._sent_ccs = False
@@ -363,6 +382,16 @@ class ServerConnection:
                 "peer closed the connection" if self._peer_closed else "eof before close_notify"
             )
             self._events.append(ConnectionTerminated(None, sent=False, reason=reason))
+            return
+        if self._state is _State.EXPECT_CLIENT_HELLO and not self._reader.pending:
+            if data[0] & 0x80 and not self._records_before_done + self._handshake_records:
+                # An SSLv2-format ClientHello (its 2-byte length has the high bit set) cannot
+                # offer TLS 1.3; Go answers it protocol_version too, not unexpected_message.
+                self._fail(alerts.ProtocolVersion("SSLv2-format ClientHello"))
+                return
+        if self._peer_closed:
+            # RFC 8446 §6.1: "Any data received after a closure alert has been received MUST
+            # be ignored": not read, not buffered, never answered with an alert.
             return
         try:
             self._reader.feed(data)
@@ -471,7 +500,8 @@ class ServerConnection:
     # --- records --------------------------------------------------------------
 
     def _process_records(self) -> None:
-        while self._state is not _State.CLOSED:
+        # Records after the peer's close_notify in the same read are ignored too (§6.1).
+        while self._state is not _State.CLOSED and not self._peer_closed:
             if self._state in _WAITING_FOR_CRYPTO:
                 # Leave input buffered until the crypto result is back.
                 if self._reader.pending > MAX_BUFFERED_WHILE_WAITING:
@@ -480,11 +510,9 @@ class ServerConnection:
             record = self._reader.next_record()
             if record is None:
                 return
-            content_type, _version, payload = record
+            content_type, version, payload = record
             if self._state is not _State.CONNECTED:
-                self._records_before_done += 1
-                if self._records_before_done > MAX_RECORDS_BEFORE_HANDSHAKE_DONE:
-                    raise alerts.UnexpectedMessage("too many records before handshake completion")
+                self._count_record_before_done(content_type)
             if content_type == ContentType.CHANGE_CIPHER_SPEC:
                 self._receive_change_cipher_spec(payload)
                 continue
@@ -504,8 +532,10 @@ class ServerConnection:
             if content_type != ContentType.APPLICATION_DATA:
                 raise alerts.UnexpectedMessage(f"plaintext record of type {content_type}")
             try:
+                # §5.2: the additional data is the header as received; legacy_record_version
+                # is otherwise ignored (§5.1), so a 0x0301 header still opens (as in Go).
                 inner_type, plaintext = self._read.open(
-                    _header(content_type, len(payload)), payload
+                    encode_header(content_type, len(payload), version), payload
                 )
             except alerts.BadRecordMac:
                 if self._skip_early_data:
@@ -514,6 +544,19 @@ class ServerConnection:
                 raise
             self._skip_early_data = False
             self._dispatch(inner_type, plaintext)
+
+    def _count_record_before_done(self, content_type: int) -> None:
+        # A protected record's type is known only once it opens; those are counted as
+        # non-handshake records, which is what skipped 0-RTT is and a client flight is
+        # a few of.
+        if content_type == ContentType.HANDSHAKE:
+            self._handshake_records += 1
+            if self._handshake_records > MAX_HANDSHAKE_RECORDS_BEFORE_DONE:
+                raise alerts.UnexpectedMessage("too many handshake fragments before completion")
+            return
+        self._records_before_done += 1
+        if self._records_before_done > MAX_RECORDS_BEFORE_HANDSHAKE_DONE:
+            raise alerts.UnexpectedMessage("too many records before handshake completion")
 
     def _skip_early_record(self, length: int) -> None:
         self._skipped_early_bytes += length
@@ -538,18 +581,29 @@ class ServerConnection:
             raise alerts.UnexpectedMessage("second change_cipher_spec")
         self._received_ccs = True
 
+    def _count_empty_record(self) -> None:
+        self._empty_records += 1
+        if self._empty_records > MAX_CONSECUTIVE_EMPTY_RECORDS:
+            raise alerts.UnexpectedMessage(
+                f"more than {MAX_CONSECUTIVE_EMPTY_RECORDS} records in a row without content"
+            )
+
     def _dispatch(self, content_type: int, payload: bytes) -> None:
         if content_type == ContentType.HANDSHAKE:
             if not payload:
                 raise alerts.UnexpectedMessage("empty handshake record")
+            self._empty_records = 0
             self._receive_handshake_bytes(payload)
         elif content_type == ContentType.APPLICATION_DATA:
             if self._state is not _State.CONNECTED:
                 raise alerts.UnexpectedMessage("application data before the handshake finished")
             if self._hs_buffer:
                 raise alerts.UnexpectedMessage("application data inside a handshake message")
-            if payload and not self._peer_closed:
-                self._events.append(ApplicationData(payload))
+            if not payload:
+                self._count_empty_record()  # §5.1: allowed, but not without end
+                return
+            self._empty_records = 0
+            self._events.append(ApplicationData(payload))
         elif content_type == ContentType.ALERT:
             self._receive_alert(payload)
         else:
@@ -574,7 +628,10 @@ class ServerConnection:
                 self._events.append(ConnectionTerminated(None, sent=False, reason="closed"))
             return
         if description == AlertDescription.user_canceled:
-            return  # RFC 8446 §6.1: followed by close_notify.
+            # RFC 8446 §6.1: followed by close_notify. Dropped at any level, as Go, BoringSSL
+            # and OpenSSL do (JDK sends it at fatal level), but counted like an empty record.
+            self._count_empty_record()
+            return
         try:
             alert = AlertDescription(description)
         except ValueError:
@@ -607,10 +664,13 @@ class ServerConnection:
                 return
             message = bytes(buffer[: 4 + length])
             del buffer[: 4 + length]
+            if buffer and message[0] in _ENDS_ITS_RECORD:
+                # RFC 8446 §5.1: these messages can immediately precede a key change, so they
+                # end their record; checked before the message is acted on. A ClientHello
+                # answered by an HRR is no exception (BoGo PartialSecondClientHelloAfterFirst).
+                name = _handshake_name(message[0])
+                raise alerts.UnexpectedMessage(f"{name} does not end its record")
             self._handle_handshake(message[0], message)
-            if self._state in (_State.WAIT_KEY_EXCHANGE, _State.WAIT_SIGNATURE) and buffer:
-                # RFC 8446 §5.1: a message before a key change must end its record.
-                raise alerts.UnexpectedMessage("data after ClientHello in the same record")
 
     def _handle_handshake(self, msg_type: int, message: bytes) -> None:
         state = self._state
@@ -650,15 +710,16 @@ class ServerConnection:
             change = retry_hello_change(self._client_hello, hello)
             if change is not None:
                 raise alerts.IllegalParameter(f"second ClientHello: {change}")
-        # RFC 8446 §4.2.1: without supported_versions the client is TLS 1.2 or older.
+        # RFC 8446 §4.2.1: without supported_versions the client is TLS 1.2 or older. The
+        # version is settled first: every rule below is TLS 1.3's, and a TLS 1.2 ClientHello
+        # that breaks one (compression, say) is refused for its version (§4.1.2, as Go does).
         if hello.supported_versions is None or TLS13_VERSION not in hello.supported_versions:
             raise alerts.ProtocolVersion("client does not offer TLS 1.3")
-        if hello.signature_algorithms is None:
-            raise alerts.MissingExtension("no signature_algorithms")  # §9.2
-        if hello.supported_groups is None or hello.key_shares is None:
-            raise alerts.MissingExtension("no supported_groups/key_share")  # §9.2
-        if hello.pre_shared_key and hello.psk_key_exchange_modes is None:
-            raise alerts.MissingExtension("pre_shared_key without psk_key_exchange_modes")
+        # §4.1.2: a TLS 1.3 ClientHello carries exactly one "null" compression method.
+        if hello.legacy_compression_methods != b"\x00":
+            raise alerts.IllegalParameter("legacy_compression_methods is not [null]")
+        self._check_mandatory_extensions(hello)
+        assert hello.supported_groups is not None and hello.key_shares is not None
         if first:
             self._offered_groups = hello.supported_groups
         offered = set(hello.supported_groups)
@@ -673,7 +734,10 @@ class ServerConnection:
             self._transcript = hashlib.new(params.hash_name)
             self._transcript.update(message)
             self._skip_early_data = hello.early_data
-            self._choose_certificate(hello)
+            if hello.signature_algorithms is not None:
+                # Chosen now, so that a client we cannot serve learns it before an HRR; a
+                # client without signature_algorithms may still resume (§9.2): see below.
+                self._choose_certificate(hello)
             self._alpn = self._choose_alpn(hello)
             if hello.record_size_limit is not None:
                 self._max_fragment = min(MAX_PLAINTEXT, hello.record_size_limit - 1)
@@ -689,7 +753,29 @@ class ServerConnection:
             self._accept_psk(hello, message, self._transcript.copy())
             self._transcript.update(message)
             self._client_hello = hello
+        if self._resumed is None and hello.signature_algorithms is None:
+            # §4.2.3: a server authenticating with a certificate needs the client's schemes;
+            # the PSK that excused their absence (§9.2) was not accepted.
+            raise alerts.MissingExtension("no signature_algorithms and no PSK accepted")
         self._start_key_exchange(group, share)
+
+    @staticmethod
+    def _check_mandatory_extensions(hello: ClientHello) -> None:
+        """RFC 8446 §9.2 (missing_extension) and §4.2.9, for a TLS 1.3 ClientHello."""
+        if hello.pre_shared_key is None:
+            # Without a PSK the server authenticates with a certificate over (EC)DHE.
+            if hello.signature_algorithms is None:
+                raise alerts.MissingExtension("no signature_algorithms")
+            if hello.supported_groups is None:
+                raise alerts.MissingExtension("no supported_groups")
+        elif hello.psk_key_exchange_modes is None:
+            raise alerts.MissingExtension("pre_shared_key without psk_key_exchange_modes")
+        if (hello.supported_groups is None) != (hello.key_shares is None):
+            raise alerts.MissingExtension("supported_groups and key_share come together")
+        if hello.supported_groups is None:
+            # A well-formed PSK-only (psk_ke) offer: we resume only with a fresh key exchange
+            # (psk_dhe_ke, §4.2.9), so there is no mode in common (Go's answer too).
+            raise alerts.HandshakeFailure("no (EC)DHE offered; psk_ke is not supported")
 
     def _accept_psk(self, hello: ClientHello, message: bytes, binder_transcript: Any) -> None:
         """Resume from a ticket when one opens and fits; otherwise a full handshake.
@@ -1120,6 +1206,17 @@ class ServerConnection:
         self._events.append(ConnectionTerminated(alert.description, sent=True, reason=alert.reason))
 
 
+# RFC 8446 §5.1: "the ClientHello, EndOfEarlyData, ServerHello, Finished, and KeyUpdate
+# messages can immediately precede a key change": the ones a client sends end their record.
+_ENDS_ITS_RECORD = frozenset(
+    {
+        HandshakeType.CLIENT_HELLO,
+        HandshakeType.END_OF_EARLY_DATA,
+        HandshakeType.FINISHED,
+        HandshakeType.KEY_UPDATE,
+    }
+)
+
 # Crypto the engine asked for and is waiting for: received records stay unread meanwhile.
 _WAITING_FOR_CRYPTO = frozenset(
     {_State.WAIT_KEY_EXCHANGE, _State.WAIT_SIGNATURE, _State.WAIT_CERTIFICATE_VERIFICATION}
@@ -1133,10 +1230,6 @@ _AWAITING_CLIENT_FLIGHT = frozenset(
         _State.EXPECT_FINISHED,
     }
 )
-
-
-def _header(content_type: int, length: int) -> bytes:
-    return bytes((content_type, 3, 3)) + length.to_bytes(2, "big")
 
 
 def _handshake_name(msg_type: int) -> str:

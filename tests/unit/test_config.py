@@ -39,6 +39,7 @@ from pqproxy.config import (
     parse_duration,
     parse_size,
 )
+from pqproxy.cpus import available_cpus
 from pqproxy.crypto.certs import load_certified_key
 from pqproxy.devcert import generate_dev_certs
 from pqproxy.tls.enums import CipherSuite, NamedGroup
@@ -85,7 +86,8 @@ def write(path: Path, text: str) -> Path:
 
 def test_minimal_config_gets_the_documented_defaults(base: Path) -> None:
     config = parse_config(minimal(), base)
-    assert config.workers == 1
+    # Issue 19: a file without `workers` runs one worker per CPU this process may use.
+    assert config.workers == available_cpus() and config.workers_auto
     assert config.admin == ServerAddress("127.0.0.1", 9100)
     assert config.logging == LoggingConfig(level="info", access_log=True, format=LogFormat.JSON)
     assert config.drain_timeout == 30.0
@@ -836,10 +838,16 @@ def test_apply_overrides_rechecks_collisions(base: Path) -> None:
 # -- summary and check-config -----------------------------------------------------------------
 
 
+def _auto_workers() -> str:
+    """How describe() names the default worker count (issue 19: workers: auto)."""
+    count = available_cpus()
+    return f"{count} worker{'' if count == 1 else 's'} (auto)"
+
+
 def test_describe(base: Path) -> None:
     text = describe(parse_config(minimal(name="main"), base))
     assert text.splitlines()[0] == (
-        "1 listener, 1 upstream pool, 1 worker, admin on 127.0.0.1:9100, drain 30s"
+        f"1 listener, 1 upstream pool, {_auto_workers()}, admin on 127.0.0.1:9100, drain 30s"
     )
     assert "listener main: 127.0.0.1:8443 mode http -> demo" in text
     assert "groups X25519MLKEM768,x25519," in text
@@ -919,7 +927,7 @@ def test_check_config_subcommand(base: Path) -> None:
     ok = subprocess.run([*command, str(good)], capture_output=True, text=True, check=False)
     assert (ok.returncode, ok.stdout.splitlines()[0]) == (
         0,
-        "OK: 1 listener, 1 upstream pool, 1 worker, admin on 127.0.0.1:9100, drain 30s",
+        f"OK: 1 listener, 1 upstream pool, {_auto_workers()}, admin on 127.0.0.1:9100, drain 30s",
     )
     failed = subprocess.run([*command, str(bad)], capture_output=True, text=True, check=False)
     assert failed.returncode == 2

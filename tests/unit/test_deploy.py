@@ -54,6 +54,7 @@ CUSTOM_KINDS = {
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 
 SIDECAR = "pqproxy"
@@ -283,6 +284,7 @@ def test_every_rendered_output_validates(name: str, version: str) -> None:
             "Service",
             "Service",
             "ServiceMonitor",
+            "PrometheusRule",
         ]
     )
     for doc in docs:

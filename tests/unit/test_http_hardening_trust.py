@@ -55,23 +55,25 @@ from pqproxy.tls.server import ServerConfig
 from tests.certs_factory import SPIFFE_CLIENT, Issued, bundle_pem, make_ca, make_client
 from tests.inprocess import LoopThread
 from tests.mtls_peers import exchange, tls_context
-from tests.unit.test_http_proxy import (  # noqa: F401 - fixtures, used by name
+from tests.unit import test_http_proxy as base
+from tests.unit.test_http_proxy import (
     WAIT,
-    Client,
     Connect,
     Exchange,
-    ScriptedUpstream,
     UpstreamFactory,
     answer_who,
     assert_json_error,
-    certified,
-    client_ctx,
-    connect,
     http_request,
-    loop_errors,
-    make_upstream,
     within,
 )
+
+# The in-process proxy suite's fixtures, used here by name: raw-recording upstreams, the
+# stdlib TLS client, the loop's exception handler asserted empty.
+certified = base.certified
+client_ctx = base.client_ctx
+connect = base.connect
+loop_errors = base.loop_errors
+make_upstream = base.make_upstream
 
 PROVIDER = OpenSSLProvider()
 
@@ -103,8 +105,8 @@ class ProxyFactory(Protocol):
 
 @pytest_asyncio.fixture
 async def start_proxy(
-    certified: CertifiedKey,  # noqa: F811 - the imported fixture
-    loop_errors: list[dict[str, Any]],  # noqa: F811
+    certified: CertifiedKey,
+    loop_errors: list[dict[str, Any]],
 ) -> AsyncIterator[ProxyFactory]:
     """A TLSListener (http mode unless told) before a pool of ``ports``, counting in its own
     ProxyMetrics; ``listener`` sets any other ListenerSettings field."""
@@ -272,7 +274,11 @@ def spellings(name: str) -> list[str]:
     the hyphens written as underscores."""
     hyphens = [i for i, char in enumerate(name) if char == "-"]
     found = [name, name.lower(), name.upper()]
-    found += [name.replace("-", "_"), name.lower().replace("-", "_"), name.upper().replace("-", "_")]
+    found += [
+        name.replace("-", "_"),
+        name.lower().replace("-", "_"),
+        name.upper().replace("-", "_"),
+    ]
     for i in hyphens[:1] + hyphens[-1:]:
         found.append(name[:i] + "_" + name[i + 1 :])
     return list(dict.fromkeys(found))
@@ -313,8 +319,9 @@ def expected_trusted(
     }
     # The cipher and signature depend on what OpenSSL picked: taken from the environ, and
     # checked to be pqproxy's vocabulary, not a forged value.
-    cipher, signature = environ.get("HTTP_X_PQ_TLS_CIPHER", ""), environ.get(
-        "HTTP_X_PQ_TLS_SIGNATURE", ""
+    cipher, signature = (
+        environ.get("HTTP_X_PQ_TLS_CIPHER", ""),
+        environ.get("HTTP_X_PQ_TLS_SIGNATURE", ""),
     )
     assert cipher.startswith("TLS_") and "forged" not in cipher, cipher
     assert signature and "forged" not in signature, signature
@@ -406,6 +413,7 @@ def test_item1_names_normalise_in_one_place() -> None:
     assert refused.value.status == 400
 
 
+@pytest.mark.asyncio
 async def test_item1_dropping_is_counted_and_logged_once_per_request(
     start_proxy: ProxyFactory,
     make_upstream: UpstreamFactory,
@@ -430,7 +438,9 @@ async def test_item1_dropping_is_counted_and_logged_once_per_request(
 
     proxy_reject = await start_proxy(
         upstream.port,
-        http=HttpSettings(forwarding=ForwardingOptions(underscore_headers="reject")),
+        http=HttpSettings(
+            forwarding=ForwardingOptions(underscore_headers=UnderscoreHeaders.REJECT)
+        ),
     )
     client = await connect(proxy_reject.port)
     response = await client.request(http_request("GET", "/", ("X_Client_Subject", "CN=admin")))
@@ -446,6 +456,7 @@ async def test_item1_dropping_is_counted_and_logged_once_per_request(
     ("mode", "expected"),
     [("append", b"203.0.113.7, 198.51.100.1, 127.0.0.1"), ("replace", b"127.0.0.1")],
 )
+@pytest.mark.asyncio
 async def test_item2_forwarded_for_append_or_replace(
     start_proxy: ProxyFactory,
     make_upstream: UpstreamFactory,
@@ -530,6 +541,9 @@ def closes_on_second_request(posts: list[bytes]) -> Any:
         if ex.received.conn_id == 1 and len(posts) == 2:
             ex.writer.close()
             return
+        if ex.received.method == b"HEAD":
+            await ex.respond(200)  # a response to HEAD has no body (RFC 9110 §9.3.2)
+            return
         await answer_who(ex)
 
     return handler
@@ -539,6 +553,7 @@ def closes_on_second_request(posts: list[bytes]) -> Any:
     ("method", "body"),
     [("POST", b""), ("POST", b'{"prompt":"x"}'), ("PATCH", b""), ("LOCK", b"")],
 )
+@pytest.mark.asyncio
 async def test_item3_non_idempotent_request_is_never_sent_twice(
     start_proxy: ProxyFactory,
     make_upstream: UpstreamFactory,
@@ -566,6 +581,7 @@ async def test_item3_non_idempotent_request_is_never_sent_twice(
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"])
+@pytest.mark.asyncio
 async def test_item3_idempotent_request_is_retried_once_on_a_fresh_connection(
     start_proxy: ProxyFactory, make_upstream: UpstreamFactory, connect: Connect, method: str
 ) -> None:
@@ -586,6 +602,7 @@ async def test_item3_idempotent_request_is_retried_once_on_a_fresh_connection(
     assert proxy.count("pqproxy_http_upstream_retries_total", outcome="retried") == 1
 
 
+@pytest.mark.asyncio
 async def test_item3_no_retry_once_a_response_byte_arrived(
     start_proxy: ProxyFactory, make_upstream: UpstreamFactory, connect: Connect
 ) -> None:

@@ -40,8 +40,8 @@ FLOOD = 64 * 1024 * 1024
 # Before the fix: each request got its own KeyUpdate, 100,000 of them = 2.7 MB queued.
 REQUESTS = 100_000
 # Above the high-water mark the proxy may still hold what one read of the upstream and one
-# read of the client produced before reading paused; nowhere near a megabyte and a half.
-BOUND = HIGH_WATER + 1536 * 1024
+# read of the client produced before reading paused (a read is at most 256 KiB).
+BOUND = HIGH_WATER + 512 * 1024
 KEY_UPDATE_REQUEST = bytes((HandshakeType.KEY_UPDATE, 0, 0, 1, 1))
 
 

@@ -9,6 +9,7 @@ them one at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -133,6 +134,7 @@ class OneWriteUpstream:
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
 
     @property
     def port(self) -> int:
@@ -141,6 +143,7 @@ class OneWriteUpstream:
         return port
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
         try:
             while True:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
@@ -156,6 +159,7 @@ class OneWriteUpstream:
             pass
         finally:
             writer.close()
+            self.writers.discard(writer)
 
 
 Connect = Callable[[], Awaitable[RawTLSClient]]
@@ -164,6 +168,7 @@ Connect = Callable[[], Awaitable[RawTLSClient]]
 @pytest_asyncio.fixture
 async def proxy(dev_certs: DevCertPaths) -> AsyncIterator[Callable[[bytes], Awaitable[Connect]]]:
     cleanups: list[Callable[[], Awaitable[None]]] = []
+    clients: list[RawTLSClient] = []
 
     async def start(body: bytes) -> Connect:
         upstream = OneWriteUpstream(body)
@@ -189,10 +194,17 @@ async def proxy(dev_certs: DevCertPaths) -> AsyncIterator[Callable[[bytes], Awai
         await listener.start()
 
         async def stop() -> None:
+            for client in clients:
+                client.writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await asyncio.wait_for(client.writer.wait_closed(), WAIT)
             await listener.close(grace=1.0)
             await pool.close()
             assert upstream.server is not None
             upstream.server.close()
+            for writer in list(upstream.writers):
+                writer.close()
+            await asyncio.wait_for(upstream.server.wait_closed(), WAIT)
 
         cleanups.append(stop)
 
@@ -201,6 +213,7 @@ async def proxy(dev_certs: DevCertPaths) -> AsyncIterator[Callable[[bytes], Awai
             client = RawTLSClient(
                 reader, writer, memory_client(client_context(ca=dev_certs.ca, alpn=[b"http/1.1"]))
             )
+            clients.append(client)
             await client.handshake()
             return client
 
@@ -224,7 +237,6 @@ async def test_item12_error_answer_is_one_record(
     # The connection then closes with close_notify: what was queued went out first.
     end = await client.record()
     assert end is not None and end.closed
-    client.writer.close()
 
 
 async def test_item12_small_response_is_one_record(
@@ -238,7 +250,6 @@ async def test_item12_small_response_is_one_record(
         assert body == b"hello, records"
         assert len(records) == 1, [len(r.plaintext) for r in records]
         assert records[0].plaintext.startswith(b"HTTP/1.1 200 OK\r\n")
-    client.writer.close()
 
 
 async def test_item12_large_response_fills_records_to_the_limit(
@@ -258,4 +269,3 @@ async def test_item12_large_response_fills_records_to_the_limit(
     assert len(records[0].plaintext) > 1000
     total = sum(sizes)
     assert len(records) <= -(-total // MAX_PLAINTEXT) + 2, sizes
-    client.writer.close()

@@ -14,128 +14,61 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL
 
-from pqproxy.crypto.backends.openssl import OpenSSLProvider
 from pqproxy.crypto.certs import load_certified_key
 from pqproxy.crypto.provider import CertifiedKey
 from pqproxy.crypto.tickets import RotatingTicketKeys
 from pqproxy.io.tls_server import ConnectionClosed, ListenerSettings, TLSListener
 from pqproxy.logtext import printable
 from pqproxy.tls import alerts
-from pqproxy.tls.codec import u16, uint16_list, vec8, vec16
+from pqproxy.tls.codec import vec16
 from pqproxy.tls.enums import AlertDescription as A
 from pqproxy.tls.enums import ExtensionType as X
 from pqproxy.tls.enums import NamedGroup
-from pqproxy.tls.events import ApplicationData, ConnectionTerminated, Event, HandshakeComplete
-from pqproxy.tls.key_schedule import SUITES
+from pqproxy.tls.events import ApplicationData, HandshakeComplete
 from pqproxy.tls.messages import HELLO_RETRY_REQUEST_RANDOM, pull_client_hello
-from pqproxy.tls.record import MAX_PLAINTEXT, RecordProtection, encode_plaintext_records
+from pqproxy.tls.record import MAX_PLAINTEXT, RecordProtection
 from pqproxy.tls.server import (
     MAX_CLIENT_HELLO,
     MAX_HANDSHAKE_MESSAGE,
     MAX_SKIPPED_EARLY_DATA,
     ServerConfig,
     ServerConnection,
-    resolve_inline,
 )
 from tests.early_data_peer import (
     early_data_client_context,
     ticket_from_other_server,
     write_early_data,
 )
+from tests.engine_harness import (
+    AES128,
+    CCS,
+    P256_SHARE,
+    PROVIDER,
+    SIGALGS,
+    X25519_SHARE,
+    Extension,
+    Run,
+    alpn,
+    assert_alert,
+    assert_going_on,
+    early_data,
+    groups,
+    hello,
+    key_share,
+    minimal,
+    padding,
+    pre_shared_key,
+    psk_modes,
+    records,
+    server_hello_random,
+    sigalgs,
+    sni,
+    versions,
+)
 from tests.inprocess import LoopThread
 from tests.peers import client_context, drain_bio, memory_client, pump
-
-PROVIDER = OpenSSLProvider()
-AES128 = SUITES[0x1301]
-CCS = b"\x14\x03\x03\x00\x01\x01"
-SIGALGS = (0x0403, 0x0804, 0x0807)
-X25519_SHARE = (
-    x25519.X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-)
-Extension = tuple[int, bytes]
-
-
-# --- ClientHello building blocks (byte level, any order) ---------------------------------
-
-
-def sni(name: bytes) -> Extension:
-    return X.SERVER_NAME, vec16(b"\x00" + vec16(name))
-
-
-def versions() -> Extension:
-    return X.SUPPORTED_VERSIONS, vec8(u16(0x0304))
-
-
-def groups(*values: int) -> Extension:
-    return X.SUPPORTED_GROUPS, vec16(uint16_list(values))
-
-
-def sigalgs(*schemes: int) -> Extension:
-    return X.SIGNATURE_ALGORITHMS, vec16(uint16_list(schemes or SIGALGS))
-
-
-def key_share(*shares: tuple[int, bytes]) -> Extension:
-    return X.KEY_SHARE, vec16(b"".join(u16(group) + vec16(share) for group, share in shares))
-
-
-def alpn(*protocols: bytes) -> Extension:
-    return X.ALPN, vec16(b"".join(vec8(p) for p in protocols))
-
-
-def padding(length: int) -> Extension:
-    return X.PADDING, bytes(length)
-
-
-def early_data() -> Extension:
-    return X.EARLY_DATA, b""
-
-
-def psk_modes() -> Extension:
-    return X.PSK_KEY_EXCHANGE_MODES, b"\x01\x01"
-
-
-def pre_shared_key(identities: list[bytes], age: int = 1, binder: bytes = b"\x55") -> Extension:
-    ids = b"".join(vec16(i) + age.to_bytes(4, "big") for i in identities)
-    binders = b"".join(vec8(binder * 32) for _ in identities)
-    return X.PRE_SHARED_KEY, vec16(ids) + vec16(binders)
-
-
-def hello(
-    extensions: list[Extension],
-    *,
-    random: bytes = bytes(range(32)),
-    session_id: bytes = b"",
-    suites: tuple[int, ...] = (0x1301,),
-    legacy_version: int = 0x0303,
-) -> bytes:
-    """A ClientHello handshake message (4-byte header included)."""
-    body = b"".join(
-        (
-            u16(legacy_version),
-            random,
-            vec8(session_id),
-            vec16(uint16_list(suites)),
-            b"\x01\x00",
-            vec16(b"".join(u16(t) + vec16(d) for t, d in extensions)),
-        )
-    )
-    return b"\x01" + len(body).to_bytes(3, "big") + body
-
-
-def minimal(name: bytes | None = b"localhost") -> list[Extension]:
-    base = [versions(), groups(NamedGroup.x25519), sigalgs(), key_share((0x001D, X25519_SHARE))]
-    return ([sni(name)] if name is not None else []) + base
-
-
-def records(message: bytes, fragment: int = MAX_PLAINTEXT) -> bytes:
-    return encode_plaintext_records(22, message, fragment, legacy_version=0x0301)
-
-
-# --- engine harness -----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -147,51 +80,6 @@ def certified(dev_certs_factory: Callable[[str], Any]) -> CertifiedKey:
 @pytest.fixture(scope="module")
 def config(certified: CertifiedKey) -> ServerConfig:
     return ServerConfig(certificates=(certified,))
-
-
-class Run:
-    """One engine fed chunk by chunk; every event and every byte it sent, collected."""
-
-    def __init__(self, config: ServerConfig, **kwargs: Any) -> None:
-        self.server = ServerConnection(config, PROVIDER, os.urandom, **kwargs)
-        self.events: list[Event] = []
-        self.out = b""
-
-    def feed(self, *chunks: bytes) -> bytes:
-        sent = b""
-        for chunk in chunks:
-            self.server.receive_data(chunk)
-            self.events += resolve_inline(self.server)
-            sent += self.server.data_to_send()
-        self.out += sent
-        return sent
-
-    @property
-    def terminated(self) -> ConnectionTerminated | None:
-        ends = [e for e in self.events if isinstance(e, ConnectionTerminated)]
-        assert len(ends) <= 1, ends
-        return ends[0] if ends else None
-
-
-def assert_alert(run: Run, alert: A) -> ConnectionTerminated:
-    end = run.terminated
-    assert end is not None, f"no alert; the engine went on: {run.server!r}"
-    assert end.sent and end.alert == alert, end
-    assert run.server.closed
-    if run.out.startswith(b"\x15") or run.server.cipher_suite is None:
-        assert run.out.endswith(b"\x15\x03\x03\x00\x02\x02" + bytes((alert,)))
-    return end
-
-
-def assert_going_on(run: Run) -> None:
-    assert run.terminated is None, run.terminated
-    assert not run.server.closed
-
-
-def server_hello_random(sent: bytes) -> bytes:
-    """The random of the (first) ServerHello in ``sent``; HRR_RANDOM for a retry."""
-    assert sent[:1] == b"\x16" and sent[5] == 2, sent[:16].hex()
-    return sent[5 + 4 + 2 : 5 + 4 + 2 + 32]
 
 
 # --- item 3: SNI --------------------------------------------------------------------------
@@ -417,16 +305,25 @@ def test_item4_records_that_do_not_open_without_early_data_are_bad_record_mac(
 # --- item 6: message sizes ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", ["maximal signature_algorithms", "exactly 2^17"])
 def test_item6_maximal_signature_algorithms_client_hello_is_accepted(
-    config: ServerConfig,
+    config: ServerConfig, size: str
 ) -> None:
     # The largest signature_algorithms list: whatever the other extensions leave of the
     # 2^16 - 1 bytes of the extensions block. Unknown values are ignored (RFC 8446 §4.2.3).
     others = [sni(b"localhost"), versions(), groups(0x001D), key_share((0x001D, X25519_SHARE))]
     room = 0xFFFF - sum(4 + len(data) for _, data in others) - 4 - 2
     schemes = SIGALGS + tuple(0x0A0A + i for i in range(room // 2 - len(SIGALGS)))
-    message = hello([*others[:3], sigalgs(*schemes), others[3]], session_id=bytes(32))
+    extensions = [*others[:3], sigalgs(*schemes), others[3]]
+    message = hello(extensions, session_id=bytes(32))
     assert 1 << 16 < len(message) <= MAX_CLIENT_HELLO
+    if size == "exactly 2^17":
+        # Unknown cipher suites fill the body up to the cap (the session id fixes parity).
+        missing = MAX_CLIENT_HELLO - (len(message) - 4)
+        session_id = bytes(32 - missing % 2)
+        suites = (0x1301, *range(0x5A00, 0x5A00 + (missing + missing % 2) // 2))
+        message = hello(extensions, session_id=session_id, suites=suites)
+        assert len(message) - 4 == MAX_CLIENT_HELLO
     for fragment in (MAX_PLAINTEXT, 1000):
         run = Run(config)
         wire = records(message, fragment)
@@ -498,13 +395,6 @@ def _hrr_config(certified: CertifiedKey, **kwargs: Any) -> ServerConfig:
         groups=(NamedGroup.secp256r1, NamedGroup.x25519),
         **kwargs,
     )
-
-
-P256_SHARE = (
-    ec.generate_private_key(ec.SECP256R1())
-    .public_key()
-    .public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-)
 
 
 def test_item8_change_cipher_spec_inside_a_fragmented_message_is_unexpected(
