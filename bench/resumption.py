@@ -33,6 +33,7 @@ from OpenSSL._util import lib as _lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pqproxy.bench.report import replace_section  # noqa: E402
 from pqproxy.crypto.backends.openssl import OpenSSLProvider  # noqa: E402
 from pqproxy.crypto.certs import load_certified_key  # noqa: E402
 from pqproxy.crypto.tickets import RotatingTicketKeys  # noqa: E402
@@ -173,15 +174,8 @@ def section(rows: list[tuple[str, list[float], list[float]]], count: int, comman
 
 
 def append_section(path: Path, text: str) -> None:
-    """Replace this script's section in ``path`` (up to the next ``## `` heading), or append
-    it: the rest of the file is another tool's."""
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    start = existing.find(HEADING)
-    if start >= 0:
-        end = existing.find("\n## ", start + len(HEADING))
-        rest = existing[end + 1 :] if end >= 0 else ""
-        existing = existing[:start].rstrip("\n") + "\n\n" + rest
-    path.write_text(existing.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+    """Replace this script's section in ``path``, or append it."""
+    replace_section(path, HEADING, text)
 
 
 def main() -> None:

@@ -199,7 +199,8 @@ class Suite:
         process = self.start(argv, DEMO_LISTENING)
         return process, int(process.match.group(1)), shown(argv, self.replace)
 
-    def pqproxy(self, workers: int, upstream_port: int) -> Server:
+    def pqproxy(self, workers: int | str, upstream_port: int) -> Server:
+        """pqproxy with ``workers`` worker processes (a count, or ``"auto"``)."""
         argv = [
             PY, "-m", "pqproxy", "serve", "--listen", f"{LOCAL}:0",
             "--cert", str(self.certs / "server.pem"), "--key", str(self.certs / "server.key"),
@@ -208,10 +209,10 @@ class Suite:
             "--log-level", "WARNING",
             "--max-connections", "20000", "--idle-timeout", "600s",
         ]  # fmt: skip
-        if workers > 1:
+        if workers != 1:
             argv += ["--workers", str(workers)]
         process = self.start(argv, PQPROXY_LISTENING)
-        label = f"pqproxy, {workers} worker{'s' if workers > 1 else ''}"
+        label = f"pqproxy, {workers} worker{'s' if workers != 1 else ''}"
         command = shown(argv, self.replace).replace(
             f"http://{LOCAL}:{upstream_port}", f"http://{LOCAL}:UPSTREAM_PORT"
         )

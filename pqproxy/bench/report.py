@@ -228,6 +228,19 @@ def write_json(document: dict[str, Any], path: str | Path) -> None:
     Path(path).write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
+def replace_section(path: Path, heading: str, text: str) -> None:
+    """Put ``text`` (a Markdown section starting with ``heading``) into the file at ``path``:
+    in place of the section under that heading (up to the next ``## `` heading), or at the
+    end. The rest of the file is another tool's (bench/RESULTS.md has several writers)."""
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    start = existing.find(heading)
+    if start >= 0:
+        end = existing.find("\n## ", start + len(heading))
+        rest = existing[end + 1 :] if end >= 0 else ""
+        existing = existing[:start].rstrip("\n") + "\n\n" + rest
+    path.write_text(existing.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+
+
 # --- text -------------------------------------------------------------------------------------
 
 

@@ -2,12 +2,12 @@
 
 pqproxy runs in-process (one listener, one event loop on a background thread, http mode: a
 handshake and nothing else per client). The clients are a separate process (so they do not
-share the GIL with the server): a bounded asyncio pool of stdlib ``ssl`` clients on
-loopback, opening 1,000 connections within about 2 s (in clumps of 100, as a batch job's
-workers or a restarted fleet arrive), each reporting whether its TLS
-handshake completed within 15 s, how long it took, and how many TCP retransmissions its
-socket needed (TCP_INFO tcpi_total_retrans: a SYN dropped at a full accept queue is
-retransmitted after 1 s).
+share the GIL with the server), the open-loop burst client of ``pqproxy.bench.burst`` (which
+bench/burst.py uses too): a bounded asyncio pool of stdlib ``ssl`` clients on loopback,
+opening 1,000 connections within about 2 s (in clumps of 100, as a batch job's workers or a
+restarted fleet arrive), each reporting whether its TLS handshake completed within 15 s, how
+long it took, and how many TCP retransmissions its socket needed (TCP_INFO
+tcpi_total_retrans: a SYN dropped at a full accept queue is retransmitted after 1 s).
 
 The kernel's ListenOverflows counter is host-wide for the network namespace, so each test
 takes its delta over the burst window only, and asserts on this listener's own evidence
@@ -18,10 +18,7 @@ sampled every few milliseconds during the burst.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from pqproxy.bench.burst import BurstOptions, run_burst_client
 from pqproxy.crypto.backends.openssl import OpenSSLProvider
 from pqproxy.crypto.certs import load_certified_key
 from pqproxy.devcert import DevCertPaths
@@ -52,71 +50,6 @@ POOL = 400
 SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())
 # The whole client run: the burst, SYN retries of a small backlog (1 + 2 + 4 s), slack.
 RUN_DEADLINE = 120.0
-
-CLIENT = r"""
-import asyncio, json, socket, ssl, struct, sys, time
-
-args = json.loads(sys.argv[1])
-ctx = ssl.create_default_context(cafile=args["ca"])
-ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-
-
-def retransmissions(writer):
-    sock = writer.get_extra_info("socket")
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return -1
-    return struct.unpack_from("=I", info, 100)[0]  # tcpi_total_retrans
-
-
-async def main():
-    loop = asyncio.get_running_loop()
-    pool = asyncio.Semaphore(args["pool"])
-    everyone_tried = asyncio.Event()
-    tried = 0
-    start = loop.time()
-
-    async def one(index):
-        nonlocal tried
-        # Clients arrive in clumps (a batch job's workers start together), clump after clump.
-        clump = index // args["clump"]
-        await asyncio.sleep(max(0.0, start + clump * args["spacing"] - loop.time()))
-        async with pool:
-            began = time.monotonic()
-            result = {"ok": False}
-            writer = None
-            try:
-                _reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(
-                        "127.0.0.1", args["port"], ssl=ctx, server_hostname="localhost"
-                    ),
-                    args["timeout"],
-                )
-                result = {"ok": True, "retrans": retransmissions(writer)}
-            except Exception as exc:
-                result = {"ok": False, "error": type(exc).__name__}
-            result["seconds"] = time.monotonic() - began
-            tried += 1
-            if tried == args["connections"]:
-                everyone_tried.set()
-            if writer is not None:
-                if args["hold"]:
-                    await asyncio.wait_for(everyone_tried.wait(), args["timeout"] * 4)
-                writer.close()
-                try:
-                    await asyncio.wait_for(writer.wait_closed(), 5)
-                except Exception:
-                    pass
-            return result
-
-    results = await asyncio.gather(*(one(i) for i in range(args["connections"])))
-    offered = loop.time() - start
-    print(json.dumps({"results": results, "offered_seconds": offered}))
-
-
-asyncio.run(main())
-"""
 
 
 @dataclass
@@ -214,37 +147,32 @@ def run_burst(
     assert before is not None, "no /proc/net/netstat: these tests need Linux"
     monitor = loop_thread.run(make_monitor())
     sampler = asyncio.run_coroutine_threadsafe(sample_queue(), loop_thread.loop)
-    args = {
-        "ca": str(dev_certs.ca),
-        "port": listener.port,
-        "connections": connections,
-        "clump": CLUMP,
-        "spacing": BURST_SECONDS * CLUMP / connections,
-        "pool": POOL,
-        "timeout": CLIENT_TIMEOUT,
-        "hold": hold,
-    }
-    client = subprocess.run(
-        [sys.executable, "-c", CLIENT, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=RUN_DEADLINE,
-        check=False,
+    options = BurstOptions(
+        host="127.0.0.1",
+        port=listener.port,
+        cafile=str(dev_certs.ca),
+        connections=connections,
+        rate=connections / BURST_SECONDS,
+        clump=CLUMP,
+        pool=POOL,
+        timeout=CLIENT_TIMEOUT,
+        hold=hold,
     )
-    sampling["on"] = False
+    try:
+        client = run_burst_client(options, deadline=RUN_DEADLINE)
+    finally:
+        sampling["on"] = False
     sampler.result(timeout=10)
     after = read_kernel_counters()
     assert after is not None
-    assert client.returncode == 0, client.stderr[-2000:]
 
     async def sample() -> None:
         monitor.sample()
 
     loop_thread.run(sample())
-    report = json.loads(client.stdout)
     return Burst(
-        results=report["results"],
-        offered_seconds=report["offered_seconds"],
+        results=client.results,
+        offered_seconds=client.offered_seconds,
         overflows=after.overflows - before.overflows,
         drops=after.drops - before.drops,
         peak_queue=peak["length"],
