@@ -18,6 +18,8 @@ Sections (``--only`` picks some; the others are marked "not run"):
   (each connection completed a hybrid handshake and one keep-alive request, then idles),
   pqproxy beside the baseline; a fresh server for each count.
 - ``request``: time-to-first-token through pqproxy against direct (pqproxy bench request).
+- ``burst``: open-loop connection bursts against pqproxy (1 worker, ``--workers auto``) and
+  nginx (bench/burst.py, with its defaults); its section goes after the others.
 
 Every figure in RESULTS.md comes with the command behind it. Loads go to 127.0.0.1 only.
 Two helper modes are used by the suite itself: ``bulk-upstream`` and ``hold``.
@@ -1523,7 +1525,7 @@ def _write_request(
 
 # --- main -------------------------------------------------------------------------------------
 
-SECTIONS = ("cpu", "profile", "throughput", "memory", "request")
+SECTIONS = ("cpu", "profile", "throughput", "memory", "request", "burst")
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -1561,6 +1563,12 @@ def run_suite(args: argparse.Namespace) -> int:
                 memory=memory,
                 request=request,
             )
+            if "burst" in sections:
+                import burst  # bench/burst.py, beside this file
+
+                command = " ".join([".venv/bin/python", "bench/run_all.py", *args.argv])
+                text, _ = burst.run_section(suite, upstream_port, command=command)
+                burst.replace_section(Path(args.out), burst.HEADING, text)
             if args.keep:
                 keep = Path(args.keep)
                 keep.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,12 @@ alert is chosen afterwards by ``_classify``. Those checks run only on a chain th
 (or the fallback) has already rejected: they pick the alert, never the verdict.
 
 In the CertificateVerify, a scheme that does not fit the leaf's key, or that we did not
-offer, is illegal_parameter (§6.2: a field "inconsistent with other fields"; what OpenSSL,
-BoringSSL and Go send); a signature that does not verify is decrypt_error (§4.4.3).
+offer, is illegal_parameter (§6.2: a field "inconsistent with other fields"; what OpenSSL
+and BoringSSL send for both, Go for an unoffered one; Go answers a scheme of the wrong key
+type with decrypt_error); a signature that does not verify is decrypt_error (§4.4.3). Which
+schemes fit is the leaf's SPKI's to say (spki.certificate_schemes, one mapping for our own
+certificates and the client's): an id-RSASSA-PSS key signs with rsa_pss_pss_* only, and
+only with the hash its parameters name; an rsaEncryption key with rsa_pss_rsae_* only.
 
 Two deliberate departures from the library's client profile, both towards what private
 client PKIs issue: a leaf without subjectAltName is accepted (the identity is then its
@@ -63,14 +67,13 @@ from typing import Final, TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import (
     ExtendedKeyUsageOID,
     ExtensionOID,
-    PublicKeyAlgorithmOID,
     SignatureAlgorithmOID,
 )
 from cryptography.x509.verification import (
@@ -83,6 +86,7 @@ from cryptography.x509.verification import (
 )
 
 from ..tls.enums import SignatureScheme
+from . import spki
 from .backends import openssl
 from .provider import CertificateRejected, PeerIdentity
 
@@ -96,6 +100,12 @@ DEFAULT_SIGNATURE_SCHEMES: Final[tuple[int, ...]] = (
     SignatureScheme.rsa_pss_rsae_sha256,
     SignatureScheme.rsa_pss_rsae_sha384,
     SignatureScheme.rsa_pss_rsae_sha512,
+    # For id-RSASSA-PSS client keys (RFC 8446 §4.2.3). Go and BoringSSL do not offer
+    # these; OpenSSL does, and an OpenSSL client holding such a key sends no certificate
+    # at all unless one is offered.
+    SignatureScheme.rsa_pss_pss_sha256,
+    SignatureScheme.rsa_pss_pss_sha384,
+    SignatureScheme.rsa_pss_pss_sha512,
 )
 
 # The library's own default (RFC 5280 counting: intermediates below the anchor, the leaf
@@ -120,24 +130,18 @@ _MAX_REASON: Final = 300
 
 MIN_RSA_BITS: Final = openssl.MIN_RSA_BITS
 
-_ECDSA_SCHEMES: Final[dict[str, int]] = {
-    # RFC 8446 §4.2.3: in TLS 1.3 each ECDSA scheme binds one curve.
-    "secp256r1": SignatureScheme.ecdsa_secp256r1_sha256,
-    "secp384r1": SignatureScheme.ecdsa_secp384r1_sha384,
-    "secp521r1": SignatureScheme.ecdsa_secp521r1_sha512,
-}
-_RSA_PSS_RSAE: Final = frozenset(
-    {
-        SignatureScheme.rsa_pss_rsae_sha256,
-        SignatureScheme.rsa_pss_rsae_sha384,
-        SignatureScheme.rsa_pss_rsae_sha512,
-    }
-)
-# Every scheme verify_signature can check (openssl.verify_signature's repertoire).
+# The curves the fallback accepts in an issuer's key (the library's).
+_ISSUER_CURVES: Final = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+# Every scheme verify_signature can check (openssl.verify_signature's repertoire). Which of
+# them a given leaf may use is spki.certificate_schemes' answer, the same one the server's
+# own certificates get.
 VERIFIABLE_SCHEMES: Final = frozenset(
     {
-        *_ECDSA_SCHEMES.values(),
-        *_RSA_PSS_RSAE,
+        SignatureScheme.ecdsa_secp256r1_sha256,
+        SignatureScheme.ecdsa_secp384r1_sha384,
+        SignatureScheme.ecdsa_secp521r1_sha512,
+        *spki.RSAE_SCHEMES,
+        *spki.PSS_SCHEMES,
         SignatureScheme.ed25519,
         SignatureScheme.ed448,
         SignatureScheme.mldsa44,
@@ -289,32 +293,18 @@ def _directly_issued(child: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _leaf_schemes(cert: x509.Certificate, public_key: CertificatePublicKeyTypes) -> frozenset[int]:
-    """The TLS 1.3 schemes a leaf's key can sign a CertificateVerify with. Raises _Rejected
-    naming the reason when there are none."""
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        scheme = _ECDSA_SCHEMES.get(public_key.curve.name)
-        if scheme is None:
-            raise _Rejected(f"ECDSA on {public_key.curve.name} has no TLS 1.3 scheme")
-        return frozenset({scheme})
-    if isinstance(public_key, rsa.RSAPublicKey):
-        # RFC 8446 §4.2.3: rsa_pss_rsae_* is for rsaEncryption keys; an id-RSASSA-PSS key
-        # would need rsa_pss_pss_*, which we do not offer.
-        if cert.public_key_algorithm_oid != PublicKeyAlgorithmOID.RSAES_PKCS1_v1_5:
-            raise _Rejected("RSA key is not an rsaEncryption key")
-        if public_key.key_size < MIN_RSA_BITS:
-            raise _Rejected(f"RSA key of {public_key.key_size} bits; at least {MIN_RSA_BITS}")
-        return _RSA_PSS_RSAE
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return frozenset({SignatureScheme.ed25519})
-    if isinstance(public_key, ed448.Ed448PublicKey):
-        return frozenset({SignatureScheme.ed448})
-    if isinstance(public_key, mldsa.MLDSA44PublicKey):
-        return frozenset({SignatureScheme.mldsa44})
-    if isinstance(public_key, mldsa.MLDSA65PublicKey):
-        return frozenset({SignatureScheme.mldsa65})
-    if isinstance(public_key, mldsa.MLDSA87PublicKey):
-        return frozenset({SignatureScheme.mldsa87})
-    raise _Rejected(f"{type(public_key).__name__} cannot sign a TLS 1.3 CertificateVerify")
+    """The TLS 1.3 schemes a leaf's key can sign a CertificateVerify with: the certificate's
+    SPKI decides (spki.certificate_schemes, as for our own certificates: rsaEncryption →
+    rsa_pss_rsae_*, id-RSASSA-PSS → rsa_pss_pss_* of its hash), then our key-size floor.
+    Raises _Rejected naming the reason when there are none."""
+    try:
+        schemes = spki.certificate_schemes(cert)
+    except spki.UnusableKey as exc:
+        raise _Rejected(str(exc)) from None
+    # An id-RSASSA-PSS key loads as an RSA key too, so this covers both RSA families.
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < MIN_RSA_BITS:
+        raise _Rejected(f"RSA key of {public_key.key_size} bits; at least {MIN_RSA_BITS}")
+    return frozenset(schemes)
 
 
 def _issuer_key_allowed(public_key: CertificatePublicKeyTypes) -> bool:
@@ -323,7 +313,7 @@ def _issuer_key_allowed(public_key: CertificatePublicKeyTypes) -> bool:
     if isinstance(public_key, rsa.RSAPublicKey):
         return public_key.key_size >= MIN_RSA_BITS
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return public_key.curve.name in _ECDSA_SCHEMES
+        return public_key.curve.name in _ISSUER_CURVES
     return isinstance(
         public_key,
         ed25519.Ed25519PublicKey
@@ -650,7 +640,8 @@ class X509ClientVerifier:
         if not fits:
             raise CertificateRejected(
                 "illegal_parameter",
-                f"scheme 0x{scheme:04x} does not fit the client's {type(public_key).__name__}",
+                f"scheme 0x{scheme:04x} does not fit the client's key "
+                f"({cert.public_key_algorithm_oid.dotted_string})",
             )
         try:
             openssl.verify_signature(public_key, scheme, message, signature)
