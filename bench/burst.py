@@ -55,6 +55,8 @@ DEFAULT_TIMEOUT = 10.0
 # Before the measured rounds, each server gets a small burst (imports, first handshakes).
 WARMUP_CONNECTIONS = 50
 WARMUP_RATE = 100.0
+# A client busier than this (its CPU over the run's length) limits what the run can show.
+CLIENT_BOUND = 0.9
 # The measured rows: the 1-worker pqproxy is the reference of the ratios against nginx.
 PQ_ONE, PQ_AUTO, NGINX = "pqproxy-1", "pqproxy-auto", "nginx-1"
 
@@ -224,6 +226,7 @@ def _row(
         f"{med(lambda s: s['listen_overflows'])} (max {most})",
         med(lambda s: s["server_cpu_per_handshake_us"]),
         med(lambda s: s["client_lateness_ms"]["p99"], 1),
+        f"{med(lambda s: s['client_busy'] * 100)}%",
         backlog,
     ]
     return "| " + " | ".join(cells) + " |"
@@ -259,12 +262,27 @@ def section(
         "",
         "| server | offered/s | achieved | completed/s | handshake p50 (ms) | p99 (ms) | "
         "failed | clients that resent a SYN | ListenOverflows Δ | server CPU per handshake "
-        "(µs) | client late p99 (ms) | listen backlog |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "(µs) | client late p99 (ms) | client busy | listen backlog |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for rate in rates:
         for server in targets:
             lines.append(_row(server, rate, samples[server.key][_rate(rate)], backlogs))
+    bound = [
+        f"{rate:g}/s"
+        for rate in rates
+        if any(
+            statistics.median(s["client_busy"] for s in samples[t.key][_rate(rate)]) >= CLIENT_BOUND
+            for t in targets
+        )
+    ]
+    if bound:
+        lines += [
+            "",
+            f"At {', '.join(bound)} the client process was busy {CLIENT_BOUND:.0%} of the "
+            "run or more (*client busy*): those rows say more about the client than about "
+            "the servers.",
+        ]
     lines += ["", "Ratios (median of the per-round ratios):", ""]
     keys = {s.key for s in targets}
     for rate in rates:
@@ -293,7 +311,8 @@ def section(
         "",
         "- offered/s is the schedule's rate, *achieved* what the client managed (a busy client "
         "offers less: its lateness is the *client late* column); completed/s counts the "
-        "handshakes completed from the start of the run to the last one.",
+        "handshakes completed from the start of the run to the last one; *client busy* is the "
+        "client process's CPU over the run's length (one core at 100%).",
         "- ListenOverflows Δ is the kernel's TcpExt counter over the run: host-wide for the "
         "network namespace, so other work on the machine can move it; *clients that resent a "
         "SYN* (TCP_INFO `tcpi_total_retrans`) is this run's own evidence of a full accept queue.",

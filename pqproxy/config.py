@@ -36,13 +36,9 @@ from . import cpus
 from .crypto.backends import BACKEND_MODULES
 from .crypto.client_auth import DEFAULT_MAX_CHAIN_DEPTH, MAX_CHAIN_LENGTH
 from .crypto.offload import OffloadMode
-from .relay.http1 import (
-    DEFAULT_MAX_HEADER_COUNT,
-    FORWARDING_HEADER_NAMES,
-    HOP_BY_HOP,
-    ForwardedFor,
-    UnderscoreHeaders,
-)
+from .relay.fields import HOP_BY_HOP
+from .relay.forwarding import FORWARDING_HEADER_NAMES, ForwardedFor, UnderscoreHeaders
+from .relay.request import DEFAULT_MAX_HEADER_COUNT
 from .tls.enums import HYBRID_GROUPS, CipherSuite, NamedGroup
 from .tls.server import (
     DEFAULT_CIPHER_SUITES,
@@ -127,7 +123,8 @@ class CertificateConfig:
 DEFAULT_IDENTITY_HEADERS = ("X-Client-Subject", "X-Client-URI", "X-Client-DNS")
 # Headers the proxy itself writes or that frame the request: an identity header of that name
 # would be dropped, or would change how the upstream reads the message.
-# The lists are the relay's own (pqproxy/relay/http1.py), so the two never drift apart.
+# The lists are the relay's own (pqproxy/relay/fields.py and forwarding.py), so the two never
+# drift apart.
 _RESERVED_HEADER_NAMES = frozenset(
     name.decode("ascii")
     for name in (HOP_BY_HOP | FORWARDING_HEADER_NAMES | {b"host", b"content-length", b"expect"})

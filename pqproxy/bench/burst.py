@@ -119,6 +119,13 @@ class BurstResult:
         done = [float(r["done"]) for r in self.results if r["ok"]]
         return len(done) / max(done) if done else 0.0
 
+    @property
+    def client_busy(self) -> float:
+        """The client's CPU over the run's length (1.0: a core busy all along, and the
+        figures measure the client more than the server)."""
+        end = max(float(r["done"]) for r in self.results)
+        return self.client_cpu_seconds / end if end > 0 else 0.0
+
     def handshake_ms(self) -> dict[str, Any]:
         """Summary (count, min, p50, p90, p99, max, mean) of the completed handshakes."""
         return summarize(r["seconds"] * 1000 for r in self.results if r["ok"])
@@ -140,6 +147,7 @@ class BurstResult:
             "retransmissions": self.retransmissions,
             "retransmitting_clients": self.retransmitting_clients,
             "client_cpu_seconds": self.client_cpu_seconds,
+            "client_busy": self.client_busy,
         }
 
 

@@ -7,7 +7,8 @@ that the model server writes reaches the client in the same moment, never
 buffered to the end of the response.
 
 The rules of HTTP (framing checks, hop-by-hop headers, forwarding headers,
-error bodies) live in ``pqproxy.relay.http1``; this module only moves bytes and
+error bodies) live in ``pqproxy.relay`` (``request``, ``forwarding``,
+``response``, ``errors``); this module only moves bytes and
 keeps time:
 
 - header read: ``header_read_timeout`` for a request head once its first byte
@@ -35,30 +36,28 @@ from typing import Protocol
 import h11
 
 from ..logtext import printable
-from ..relay.http1 import (
-    CLOSING_STATUSES,
-    DEFAULT_MAX_HEADER_COUNT,
-    ChunkedBodyGuard,
+from ..relay.body import ChunkedBodyGuard, body_too_large
+from ..relay.errors import CLOSING_STATUSES, HttpError, classify_h11_error
+from ..relay.forwarding import (
     ClientTLSInfo,
     ForwardingOptions,
-    HeaderLimits,
-    HttpError,
-    RequestHeadReader,
     UnderscoreHeaderRefused,
-    UpstreamResponseParser,
-    body_too_large,
-    check_request,
-    classify_h11_error,
-    downstream_response_headers,
-    effective_http_version,
     forwarded_request_fields,
-    identity_label,
-    is_idempotent,
     request_host,
-    request_summary,
     upstream_request_headers,
+)
+from ..relay.identity import identity_label
+from ..relay.request import (
+    DEFAULT_MAX_HEADER_COUNT,
+    HeaderLimits,
+    RequestHeadReader,
+    check_request,
+    effective_http_version,
+    is_idempotent,
+    request_summary,
     valid_authority,
 )
+from ..relay.response import UpstreamResponseParser, downstream_response_headers
 from .telemetry import Telemetry
 from .upstream import (
     NoUpstreamAvailable,
@@ -127,7 +126,7 @@ class RequestRecord:
     """What the access log says about one request."""
 
     method: str = "-"
-    path: str = "-"  # "METHOD /path" (relay.http1.request_summary: no query string)
+    path: str = "-"  # "METHOD /path" (relay.request.request_summary: no query string)
     status: int = 0
     upstream: str = "-"
     bytes_in: int = 0

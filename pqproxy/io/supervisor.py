@@ -75,7 +75,8 @@ from ..metrics import (
     multiprocess_gauge,
     render_multiprocess,
 )
-from ..relay.http1 import ForwardingOptions, IdentityHeaders
+from ..relay.forwarding import ForwardingOptions
+from ..relay.identity import IdentityHeaders
 from ..tls.enums import HYBRID_GROUPS, NamedGroup
 from ..tls.server import ClientAuth, ServerConfig
 from .admin import (

@@ -36,13 +36,8 @@ from typing import Any, cast
 from ..crypto.offload import Offloader
 from ..crypto.provider import CertificateRejected, CryptoProvider
 from ..logtext import printable
-from ..relay.http1 import (
-    PSK_SIGNATURE,
-    ClientTLSInfo,
-    describe_identity,
-    identity_allowed,
-    identity_label,
-)
+from ..relay.forwarding import PSK_SIGNATURE, ClientTLSInfo
+from ..relay.identity import describe_identity, identity_allowed, identity_label
 from ..tls.enums import AlertDescription, CipherSuite, NamedGroup, SignatureScheme
 from ..tls.events import (
     ApplicationData,

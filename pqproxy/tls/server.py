@@ -43,7 +43,6 @@ from ..crypto.provider import (
 from . import alerts
 from .enums import (
     HYBRID_GROUPS,
-    TLS13_VERSION,
     AlertDescription,
     AlertLevel,
     CipherSuite,
@@ -61,6 +60,14 @@ from .events import (
     KeyUpdated,
     PeerClosed,
     SignatureNeeded,
+)
+from .hello_checks import (
+    check_client_hello,
+    check_ends_its_record,
+    check_key_shares_offered,
+    check_message_length,
+    check_retry_key_share,
+    handshake_name,
 )
 from .key_schedule import (
     SUITES,
@@ -88,7 +95,6 @@ from .messages import (
     pull_certificate,
     pull_certificate_verify,
     pull_client_hello,
-    retry_hello_change,
 )
 from .record import (
     MAX_CIPHERTEXT,
@@ -104,18 +110,8 @@ from .session import SessionState, decode_session_state, encode_session_state
 
 # --- limits, each with its reason ---------------------------------------------
 
-# Appendix D.5: a ClientHello.legacy_version at or below SSL 3.0 aborts the handshake.
-SSL3_VERSION = 0x0300
-
-# A ClientHello with several PQ key shares is a few KiB, but a legal one can be far
-# larger: its extensions block alone may hold 2^16 - 1 bytes (a maximal
-# signature_algorithms list makes a 65,6xx-byte ClientHello), plus up to 2^16 - 2 bytes
-# of cipher suites. 2^17 admits every ClientHello a real client sends and bounds what a
-# client can make us buffer before it has proved anything.
-MAX_CLIENT_HELLO = 1 << 17
-# Every other message the client sends: Finished and KeyUpdate are tiny; client
-# certificates with ML-DSA chains stay well below this.
-MAX_HANDSHAKE_MESSAGE = 1 << 16
+# The ClientHello's own limits (MAX_CLIENT_HELLO, MAX_HANDSHAKE_MESSAGE) live with its
+# checks in hello_checks.py.
 # A real client completes its handshake in a handful of records; this bounds the work a
 # peer can cause with records that carry no handshake bytes (CCS, alerts, skipped 0-RTT)
 # before it has authenticated.
@@ -649,27 +645,12 @@ class ServerConnection:
         # (it may share the Certificate's record: no key change comes between them).
         while len(buffer) >= 4 and self._state not in _HOLD_HANDSHAKE_MESSAGES:
             length = int.from_bytes(buffer[1:4], "big")
-            limit = (
-                MAX_CLIENT_HELLO
-                if buffer[0] == HandshakeType.CLIENT_HELLO
-                and self._state in (_State.EXPECT_CLIENT_HELLO, _State.EXPECT_SECOND_CLIENT_HELLO)
-                else MAX_HANDSHAKE_MESSAGE
-            )
-            if length > limit:
-                # RFC 8446 §6.2: a length out of range is a decode_error. Refused from the
-                # header, before the body is buffered.
-                name = _handshake_name(buffer[0])
-                raise alerts.DecodeError(f"{name} of {length} bytes, over the {limit} cap")
+            check_message_length(buffer[0], length, self._state in _EXPECT_CLIENT_HELLO)
             if len(buffer) < 4 + length:
                 return
             message = bytes(buffer[: 4 + length])
             del buffer[: 4 + length]
-            if buffer and message[0] in _ENDS_ITS_RECORD:
-                # RFC 8446 §5.1: these messages can immediately precede a key change, so they
-                # end their record; checked before the message is acted on. A ClientHello
-                # answered by an HRR is no exception (BoGo PartialSecondClientHelloAfterFirst).
-                name = _handshake_name(message[0])
-                raise alerts.UnexpectedMessage(f"{name} does not end its record")
+            check_ends_its_record(message[0], bool(buffer))
             self._handle_handshake(message[0], message)
 
     def _handle_handshake(self, msg_type: int, message: bytes) -> None:
@@ -690,7 +671,7 @@ class ServerConnection:
         elif state is _State.CONNECTED and msg_type == HandshakeType.KEY_UPDATE:
             self._receive_key_update(message)
         else:
-            name = _handshake_name(msg_type)
+            name = handshake_name(msg_type)
             raise alerts.UnexpectedMessage(f"{name} in state {state.name}")
 
     # --- ClientHello ----------------------------------------------------------
@@ -698,35 +679,11 @@ class ServerConnection:
     def _receive_client_hello(self, message: bytes) -> None:
         hello = pull_client_hello(message[4:])
         first = self._client_hello is None
-        # Appendix D.5: a legacy_version of 0x0300 (SSL 3.0) or below is refused whatever
-        # supported_versions says; above it, legacy_version is ignored (§4.2.1). picotls
-        # draws the line at the same place.
-        if hello.legacy_version <= SSL3_VERSION:
-            raise alerts.ProtocolVersion(f"ClientHello.legacy_version 0x{hello.legacy_version:04x}")
-        if not first:
-            # §4.1.2: the second ClientHello is the first one again, but for the changes
-            # an HRR allows; compared before anything in it is used.
-            assert self._client_hello is not None
-            change = retry_hello_change(self._client_hello, hello)
-            if change is not None:
-                raise alerts.IllegalParameter(f"second ClientHello: {change}")
-        # RFC 8446 §4.2.1: without supported_versions the client is TLS 1.2 or older. The
-        # version is settled first: every rule below is TLS 1.3's, and a TLS 1.2 ClientHello
-        # that breaks one (compression, say) is refused for its version (§4.1.2, as Go does).
-        if hello.supported_versions is None or TLS13_VERSION not in hello.supported_versions:
-            raise alerts.ProtocolVersion("client does not offer TLS 1.3")
-        # §4.1.2: a TLS 1.3 ClientHello carries exactly one "null" compression method.
-        if hello.legacy_compression_methods != b"\x00":
-            raise alerts.IllegalParameter("legacy_compression_methods is not [null]")
-        self._check_mandatory_extensions(hello)
+        check_client_hello(hello, self._client_hello)
         assert hello.supported_groups is not None and hello.key_shares is not None
         if first:
             self._offered_groups = hello.supported_groups
-        offered = set(hello.supported_groups)
-        for share_group, _share in hello.key_shares:
-            # §4.2.8: every share must be for an offered group.
-            if share_group not in offered:
-                raise alerts.IllegalParameter(f"key share for unoffered group 0x{share_group:04x}")
+        check_key_shares_offered(hello)
 
         if first:
             params = self._choose_cipher_suite(hello)
@@ -758,24 +715,6 @@ class ServerConnection:
             # the PSK that excused their absence (§9.2) was not accepted.
             raise alerts.MissingExtension("no signature_algorithms and no PSK accepted")
         self._start_key_exchange(group, share)
-
-    @staticmethod
-    def _check_mandatory_extensions(hello: ClientHello) -> None:
-        """RFC 8446 §9.2 (missing_extension) and §4.2.9, for a TLS 1.3 ClientHello."""
-        if hello.pre_shared_key is None:
-            # Without a PSK the server authenticates with a certificate over (EC)DHE.
-            if hello.signature_algorithms is None:
-                raise alerts.MissingExtension("no signature_algorithms")
-            if hello.supported_groups is None:
-                raise alerts.MissingExtension("no supported_groups")
-        elif hello.psk_key_exchange_modes is None:
-            raise alerts.MissingExtension("pre_shared_key without psk_key_exchange_modes")
-        if (hello.supported_groups is None) != (hello.key_shares is None):
-            raise alerts.MissingExtension("supported_groups and key_share come together")
-        if hello.supported_groups is None:
-            # A well-formed PSK-only (psk_ke) offer: we resume only with a fresh key exchange
-            # (psk_dhe_ke, §4.2.9), so there is no mode in common (Go's answer too).
-            raise alerts.HandshakeFailure("no (EC)DHE offered; psk_ke is not supported")
 
     def _accept_psk(self, hello: ClientHello, message: bytes, binder_transcript: Any) -> None:
         """Resume from a ticket when one opens and fits; otherwise a full handshake.
@@ -902,13 +841,9 @@ class ServerConnection:
 
     def _check_second_client_hello(self, hello: ClientHello) -> tuple[int, bytes]:
         assert self._params is not None and self._hrr_group is not None
-        assert hello.key_shares is not None
-        # RFC 8446 §4.1.2: the rest was compared with the first ClientHello
-        # (retry_hello_change); the key share is the one the server asked for.
-        if len(hello.key_shares) != 1 or hello.key_shares[0][0] != self._hrr_group:
-            raise alerts.IllegalParameter("second ClientHello lacks the requested key share")
+        share = check_retry_key_share(hello, self._hrr_group)
         self._skip_early_data = False
-        return self._hrr_group, hello.key_shares[0][1]
+        return self._hrr_group, share
 
     def _send_compat_ccs(self, hello: ClientHello) -> None:
         # RFC 8446 §D.4: middlebox compatibility mode is signalled by a
@@ -1206,16 +1141,8 @@ class ServerConnection:
         self._events.append(ConnectionTerminated(alert.description, sent=True, reason=alert.reason))
 
 
-# RFC 8446 §5.1: "the ClientHello, EndOfEarlyData, ServerHello, Finished, and KeyUpdate
-# messages can immediately precede a key change": the ones a client sends end their record.
-_ENDS_ITS_RECORD = frozenset(
-    {
-        HandshakeType.CLIENT_HELLO,
-        HandshakeType.END_OF_EARLY_DATA,
-        HandshakeType.FINISHED,
-        HandshakeType.KEY_UPDATE,
-    }
-)
+# States in which a ClientHello may come, and may be up to MAX_CLIENT_HELLO bytes.
+_EXPECT_CLIENT_HELLO = frozenset({_State.EXPECT_CLIENT_HELLO, _State.EXPECT_SECOND_CLIENT_HELLO})
 
 # Crypto the engine asked for and is waiting for: received records stay unread meanwhile.
 _WAITING_FOR_CRYPTO = frozenset(
@@ -1230,13 +1157,6 @@ _AWAITING_CLIENT_FLIGHT = frozenset(
         _State.EXPECT_FINISHED,
     }
 )
-
-
-def _handshake_name(msg_type: int) -> str:
-    try:
-        return HandshakeType(msg_type).name
-    except ValueError:
-        return f"handshake type {msg_type}"
 
 
 def _describe(error: BaseException) -> str:

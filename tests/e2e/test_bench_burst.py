@@ -97,6 +97,7 @@ def test_issue19_bench_burst_measures_every_target_and_writes_its_section(
             assert run["listen_overflows"] is not None and run["listen_overflows"] >= 0
             assert run["server_cpu_seconds"] >= 0
             assert run["client_cpu_seconds"] > 0
+            assert 0 < run["client_busy"] <= 1.5
 
     # Each listening socket's real accept-queue limit: limits.backlog's default (capped by
     # somaxconn) per pqproxy worker, one socket per worker with workers auto.
@@ -119,6 +120,7 @@ def test_issue19_bench_burst_measures_every_target_and_writes_its_section(
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == str(RATE)
         assert cells[6] == f"0 of {PER_RUN * ROUNDS}"
+        assert cells[11].endswith("%") and cells[12] != "?"
     assert f"--rates {RATE} --duration {DURATION:g} --rounds {ROUNDS}" in section
     assert ("```nginx" in section) == nginx
     assert done.stdout.strip() == section.strip()

@@ -19,10 +19,9 @@ from pqproxy.tls.enums import AlertDescription as A
 from pqproxy.tls.enums import ExtensionType as X
 from pqproxy.tls.enums import NamedGroup
 from pqproxy.tls.events import HandshakeComplete
+from pqproxy.tls.hello_checks import MAX_CLIENT_HELLO, MAX_HANDSHAKE_MESSAGE
 from pqproxy.tls.record import MAX_PLAINTEXT, RecordProtection
 from pqproxy.tls.server import (
-    MAX_CLIENT_HELLO,
-    MAX_HANDSHAKE_MESSAGE,
     MAX_SKIPPED_EARLY_DATA,
     ServerConfig,
 )

@@ -1,5 +1,5 @@
 """Hypothesis on the HTTP/1.1 rules: random, generated and mutated request streams go through
-h11 and pqproxy/relay/http1.py the way the driver runs them.
+h11 and the rules of pqproxy/relay/ the way the driver runs them.
 
 Only `HttpError` and `h11.RemoteProtocolError` (which `classify_h11_error` turns into one) may
 come out; every request the checks admit must reach an h11 upstream with the same framing and
@@ -14,25 +14,23 @@ import h11
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pqproxy.relay.http1 import (
+from pqproxy.relay.body import body_too_large, declared_content_length
+from pqproxy.relay.errors import HttpError, classify_h11_error, error_response
+from pqproxy.relay.fields import strip_hop_by_hop
+from pqproxy.relay.forwarding import (
     ClientTLSInfo,
     ForwardingOptions,
-    HeaderLimits,
-    HttpError,
-    body_too_large,
-    check_request,
-    check_request_framing,
-    classify_h11_error,
-    declared_content_length,
-    downstream_response_headers,
-    error_response,
-    expects_continue,
-    is_event_stream,
     request_host,
-    request_summary,
-    strip_hop_by_hop,
     upstream_request_headers,
 )
+from pqproxy.relay.request import (
+    HeaderLimits,
+    check_request,
+    check_request_framing,
+    expects_continue,
+    request_summary,
+)
+from pqproxy.relay.response import downstream_response_headers, is_event_stream
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMITS = HeaderLimits(max_header_bytes=300, max_header_count=8)

@@ -47,7 +47,9 @@ from pqproxy.devcert import DevCertPaths
 from pqproxy.io.http_proxy import HttpSettings
 from pqproxy.io.tls_server import ListenerSettings, TLSListener
 from pqproxy.io.upstream import PoolSettings, UpstreamPool
-from pqproxy.relay.http1 import HeaderLimits, HttpError, RequestHeadReader, normalize_field_name
+from pqproxy.relay.errors import HttpError
+from pqproxy.relay.forwarding import normalize_field_name
+from pqproxy.relay.request import HeaderLimits, RequestHeadReader
 from pqproxy.tls.server import ServerConfig
 from tests.inprocess import LoopThread
 

@@ -1,4 +1,4 @@
-"""The client certificate's identity on its way upstream (pqproxy/relay/http1.py): header
+"""The client certificate's identity on its way upstream (pqproxy/relay/identity.py): header
 values that are safe whatever the certificate says and still name the same DN, the identity
 headers a client sends always removed, the allow list's matching rules; and a tcp listener
 closing on a client that is not on its allow list before the upstream is dialled."""
@@ -20,15 +20,13 @@ from pqproxy.crypto.provider import PeerIdentity
 from pqproxy.devcert import DevCertPaths
 from pqproxy.io.supervisor import build_runtime
 from pqproxy.io.tls_server import CloseKind, ConnectionClosed, TLSListener
-from pqproxy.relay.http1 import (
-    ClientTLSInfo,
-    ForwardingOptions,
+from pqproxy.relay.forwarding import ClientTLSInfo, ForwardingOptions, upstream_request_headers
+from pqproxy.relay.identity import (
     IdentityHeaders,
     describe_identity,
     escape_dn,
     identity_allowed,
     identity_label,
-    upstream_request_headers,
 )
 from pqproxy.tls.enums import CipherSuite, NamedGroup, SignatureScheme
 from pqproxy.tls.events import HandshakeComplete

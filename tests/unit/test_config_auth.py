@@ -29,7 +29,7 @@ from pqproxy.crypto.tickets import RotatingTicketKeys
 from pqproxy.devcert import DevCertPaths
 from pqproxy.io.session_tickets import TicketKeyError, TicketMasters, listener_ticket_keys
 from pqproxy.io.supervisor import ServeError, build_runtime, check_servable
-from pqproxy.relay.http1 import IdentityHeaders
+from pqproxy.relay.identity import IdentityHeaders
 from pqproxy.tls.server import ClientAuth
 from tests.certs_factory import SPIFFE_CLIENT, bundle_pem, make_ca, make_client
 

@@ -25,7 +25,7 @@ import pytest_asyncio
 from pqproxy.config import ConfigError, parse_config
 from pqproxy.io.http_proxy import HttpSettings
 from pqproxy.io.supervisor import http_settings
-from pqproxy.relay.http1 import HeaderLimits
+from pqproxy.relay.request import HeaderLimits
 from tests.unit import test_http_proxy as base
 from tests.unit.test_http_proxy import (
     LAST_CHUNK,
@@ -382,7 +382,7 @@ async def test_item12_connect_is_405_with_allow(setup: Setup) -> None:
     ("line", "forwarded"),
     [
         ("OPTIONS * HTTP/1.1", b"*"),
-        # The original target is forwarded, dot segments and all (see relay/http1.py).
+        # The original target is forwarded, dot segments and all (see relay/request.py, check_path).
         ("GET /a/./b/../c?p=../../x HTTP/1.1", b"/a/./b/../c?p=../../x"),
         ("GET /a/b/.. HTTP/1.1", b"/a/b/.."),
         ("GET /%2e%2e.txt HTTP/1.1", b"/%2e%2e.txt"),

@@ -41,11 +41,11 @@ from pqproxy.io.telemetry import Telemetry
 from pqproxy.io.tls_server import ConnectionClosed, ListenerSettings, TLSListener
 from pqproxy.io.upstream import PoolSettings, UpstreamPool
 from pqproxy.metrics import ProxyMetrics
-from pqproxy.relay.http1 import (
+from pqproxy.relay.errors import HttpError
+from pqproxy.relay.forwarding import (
     ClientTLSInfo,
     ForwardedFor,
     ForwardingOptions,
-    HttpError,
     UnderscoreHeaders,
     normalize_field_name,
     proxy_owned,

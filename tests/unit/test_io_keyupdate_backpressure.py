@@ -21,16 +21,14 @@ import pytest
 import pytest_asyncio
 from OpenSSL import SSL
 
-from pqproxy.crypto.backends.openssl import OpenSSLProvider
-from pqproxy.crypto.certs import load_certified_key
 from pqproxy.devcert import DevCertPaths
 from pqproxy.io.http_proxy import HttpSettings
-from pqproxy.io.tls_server import ConnectionSnapshot, ListenerSettings, TLSListener
+from pqproxy.io.tls_server import ConnectionSnapshot, TLSListener
 from pqproxy.io.upstream import PoolSettings, UpstreamPool
 from pqproxy.tls.enums import ContentType, HandshakeType
 from pqproxy.tls.key_schedule import SUITES, next_traffic_secret
 from pqproxy.tls.record import RecordProtection
-from pqproxy.tls.server import ServerConfig
+from tests.inprocess import local_listener_settings
 from tests.peers import client_context
 
 WAIT = 20.0
@@ -190,15 +188,9 @@ async def test_item10_key_update_flood_from_a_client_that_never_reads(
         )
         await pool.start()
         extra = {"http": HttpSettings(), "pool": pool}
-    settings = ListenerSettings(
-        host="127.0.0.1",
-        port=0,
-        server_config=ServerConfig(
-            certificates=(load_certified_key(dev_certs.cert, dev_certs.key),)
-        ),
-        provider=OpenSSLProvider(),
-        upstream_host="127.0.0.1",
-        upstream_port=upstreams[mode],
+    settings = local_listener_settings(
+        dev_certs,
+        upstreams[mode],
         write_high_water=HIGH_WATER,
         mode=mode,
         **extra,

@@ -18,13 +18,11 @@ import pytest
 import pytest_asyncio
 from OpenSSL import SSL
 
-from pqproxy.crypto.backends.openssl import OpenSSLProvider
-from pqproxy.crypto.certs import load_certified_key
 from pqproxy.devcert import DevCertPaths
 from pqproxy.io.http_proxy import HttpSettings
-from pqproxy.io.tls_server import ListenerSettings, TLSListener
+from pqproxy.io.tls_server import TLSListener
 from pqproxy.io.upstream import PoolSettings, UpstreamPool
-from pqproxy.tls.server import ServerConfig
+from tests.inprocess import local_listener_settings
 from tests.peers import client_context, drain_bio, memory_client
 
 WAIT = 10.0
@@ -177,15 +175,9 @@ async def proxy(dev_certs: DevCertPaths) -> AsyncIterator[Callable[[bytes], Awai
             PoolSettings(name="one", servers=(("127.0.0.1", upstream.port),), health_check=None)
         )
         await pool.start()
-        settings = ListenerSettings(
-            host="127.0.0.1",
-            port=0,
-            server_config=ServerConfig(
-                certificates=(load_certified_key(dev_certs.cert, dev_certs.key),)
-            ),
-            provider=OpenSSLProvider(),
-            upstream_host="127.0.0.1",
-            upstream_port=upstream.port,
+        settings = local_listener_settings(
+            dev_certs,
+            upstream.port,
             mode="http",
             http=HttpSettings(),
             pool=pool,

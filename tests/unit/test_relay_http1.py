@@ -1,4 +1,4 @@
-"""The HTTP/1.1 rules of pqproxy/relay/http1.py, driven through real h11 connections.
+"""The HTTP/1.1 rules of pqproxy/relay/, driven through real h11 connections.
 
 Requests are raw bytes fed into an h11 SERVER connection, as the driver does; what the proxy
 sends is serialized by h11 and parsed back by an independent h11 connection in the other role.
@@ -12,27 +12,25 @@ import json
 import h11
 import pytest
 
-from pqproxy.relay.http1 import (
-    CLOSING_STATUSES,
+from pqproxy.relay.body import body_too_large
+from pqproxy.relay.errors import CLOSING_STATUSES, HttpError, classify_h11_error, error_response
+from pqproxy.relay.fields import strip_hop_by_hop
+from pqproxy.relay.forwarding import (
     ClientTLSInfo,
     ForwardingOptions,
-    HeaderLimits,
-    HttpError,
-    RequestTarget,
-    body_too_large,
-    check_request,
-    check_request_framing,
-    classify_h11_error,
-    downstream_response_headers,
-    error_response,
-    expects_continue,
-    head_size,
-    is_event_stream,
     request_host,
-    request_summary,
-    strip_hop_by_hop,
     upstream_request_headers,
 )
+from pqproxy.relay.request import (
+    HeaderLimits,
+    RequestTarget,
+    check_request,
+    check_request_framing,
+    expects_continue,
+    head_size,
+    request_summary,
+)
+from pqproxy.relay.response import downstream_response_headers, is_event_stream
 from pqproxy.tls.enums import CipherSuite, NamedGroup, SignatureScheme
 from pqproxy.tls.events import HandshakeComplete
 
@@ -142,7 +140,7 @@ def test_framing_attacks_get_400(data: bytes) -> None:
     ],
 )
 def test_h11_behaviour_matches_the_module_docstring(data: bytes, h11_hint: int | None) -> None:
-    """If h11 changes what it refuses, the table in http1.py's docstring is stale."""
+    """If h11 changes what it refuses, the table in relay/request.py's docstring is stale."""
     try:
         receive(data)
     except h11.RemoteProtocolError as exc:

@@ -28,8 +28,6 @@ from pqproxy.config import (
     parse_config,
 )
 from pqproxy.cpus import available_cpus, cgroup_cpu_limit, schedulable_cpus
-from pqproxy.crypto.backends.openssl import OpenSSLProvider
-from pqproxy.crypto.certs import load_certified_key
 from pqproxy.devcert import DevCertPaths
 from pqproxy.io.listen_queue import (
     ListenQueueMonitor,
@@ -40,7 +38,7 @@ from pqproxy.io.supervisor import ReloadRefused, _bind_reuseport, check_reloadab
 from pqproxy.io.telemetry import Telemetry
 from pqproxy.io.tls_server import ListenerSettings, TLSListener
 from pqproxy.metrics import ProxyMetrics
-from pqproxy.tls.server import ServerConfig
+from tests.inprocess import local_listener_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
@@ -236,17 +234,7 @@ def test_issue19_somaxconn_below_the_backlog_is_said_once(
 
 
 def _settings(dev_certs: DevCertPaths, backlog: int) -> ListenerSettings:
-    return ListenerSettings(
-        host="127.0.0.1",
-        port=0,
-        server_config=ServerConfig(
-            certificates=(load_certified_key(dev_certs.cert, dev_certs.key),)
-        ),
-        provider=OpenSSLProvider(),
-        upstream_host="127.0.0.1",
-        upstream_port=9,
-        backlog=backlog,
-    )
+    return local_listener_settings(dev_certs, 9, backlog=backlog)
 
 
 def test_issue19_backlog_reaches_every_listening_socket(dev_certs: DevCertPaths) -> None:
