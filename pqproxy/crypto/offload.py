@@ -1103,8 +1103,11 @@ class _ProcessRunner(_Runner):
         self.loop.remove_reader(worker.process.sentinel)
         if worker in self._retired:
             self._retired.remove(worker)
+        # The sentinel is readable once the process has ended, but exitcode is only set once it
+        # is reaped: reap first (a short join, never a hang), then read the code, so the log
+        # names the real exit code and not None.
+        worker.process.join(1.0)
         code = worker.process.exitcode
-        worker.process.join(0)  # reap it
         logger.error(
             "offload %s: worker pid=%s exited (exit code %s) in a call%s",
             self.backend,
